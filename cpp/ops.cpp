@@ -1,0 +1,15 @@
+// The operator schemas of the orthoft namespace. Kernels register per device in their own files.
+#include <torch/library.h>
+
+TORCH_LIBRARY(orthoft, m) {
+  // (..., D, b, b) -> (..., D*b, D*b)
+  m.def("block_diag(Tensor blocks) -> Tensor");
+  // (..., D*b, D*b) -> (..., D, b, b): the diagonal blocks of grad
+  m.def("block_diag_backward(Tensor grad, int block_size) -> Tensor");
+  // (..., b, b) skew -> (..., b, b) rotations; 0 terms = exact Cayley, k > 0 = PEFT's Neumann series
+  m.def("cayley(Tensor skew, int num_neumann_terms=0) -> Tensor");
+  m.def("cayley_backward(Tensor grad, Tensor skew, Tensor rotation, int num_neumann_terms) -> Tensor");
+  // x (..., N) @ M_{m-1} ... M_0 for rotations (m, N/b, b, b)
+  m.def("butterfly(Tensor x, Tensor rotations, int block_size) -> Tensor");
+  m.def("butterfly_backward(Tensor grad, Tensor x, Tensor rotations, int block_size) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,124 @@
+"""Fake (meta) and autograd kernels of the orthoft operators, and the CUDA fallback.
+
+The schemas and the CPU/CUDA kernels are registered by the compiled module ``orthoft._C``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from . import _C, reference
+
+_OPS = ("block_diag", "block_diag_backward", "cayley", "cayley_backward", "butterfly", "butterfly_backward")
+
+
+# Fake kernels: shapes only, for torch.compile and FakeTensor tracing.
+@torch.library.register_fake("orthoft::block_diag")
+def _block_diag_fake(blocks: torch.Tensor) -> torch.Tensor:
+    *batch, d, b, _ = blocks.shape
+    return blocks.new_empty((*batch, d * b, d * b))
+
+
+@torch.library.register_fake("orthoft::block_diag_backward")
+def _block_diag_backward_fake(grad: torch.Tensor, block_size: int) -> torch.Tensor:
+    *batch, n, _ = grad.shape
+    return grad.new_empty((*batch, n // block_size, block_size, block_size))
+
+
+@torch.library.register_fake("orthoft::cayley")
+def _cayley_fake(skew: torch.Tensor, num_neumann_terms: int = 0) -> torch.Tensor:
+    return torch.empty_like(skew, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("orthoft::cayley_backward")
+def _cayley_backward_fake(
+    grad: torch.Tensor, skew: torch.Tensor, rotation: torch.Tensor, num_neumann_terms: int
+) -> torch.Tensor:
+    return torch.empty_like(skew, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("orthoft::butterfly")
+def _butterfly_fake(x: torch.Tensor, rotations: torch.Tensor, block_size: int) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("orthoft::butterfly_backward")
+def _butterfly_backward_fake(
+    grad: torch.Tensor, x: torch.Tensor, rotations: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(rotations, memory_format=torch.contiguous_format),
+    )
+
+
+# Autograd: each backward is an operator of its own.
+def _block_diag_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.block_size = inputs[0].shape[-1]
+
+
+def _block_diag_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    return torch.ops.orthoft.block_diag_backward.default(grad, ctx.block_size)
+
+
+def _cayley_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    skew, num_neumann_terms = inputs
+    ctx.num_neumann_terms = num_neumann_terms
+    ctx.save_for_backward(skew, output)
+
+
+def _cayley_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    skew, rotation = ctx.saved_tensors
+    return torch.ops.orthoft.cayley_backward.default(grad, skew, rotation, ctx.num_neumann_terms), None
+
+
+def _butterfly_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, rotations, block_size = inputs
+    ctx.block_size = block_size
+    ctx.save_for_backward(x, rotations)
+
+
+def _butterfly_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    x, rotations = ctx.saved_tensors
+    grad_x, grad_rotations = torch.ops.orthoft.butterfly_backward.default(grad, x, rotations, ctx.block_size)
+    return grad_x, grad_rotations, None
+
+
+torch.library.register_autograd("orthoft::block_diag", _block_diag_backward, setup_context=_block_diag_setup)
+torch.library.register_autograd("orthoft::cayley", _cayley_backward, setup_context=_cayley_setup)
+torch.library.register_autograd("orthoft::butterfly", _butterfly_backward, setup_context=_butterfly_setup)
+
+
+# A build without CUDA kernels still computes the same functions on CUDA tensors, with the reference.
+def _register_cuda_fallback() -> None:
+    warned = False
+
+    def warn_once() -> None:
+        nonlocal warned
+        if not warned:
+            warned = True
+            warnings.warn(
+                "orthoft was built without CUDA kernels; CUDA tensors use the slower pure PyTorch "
+                "reference implementation. Install a CUDA wheel or rebuild with ORTHOFT_CUDA=1.",
+                stacklevel=3,
+            )
+
+    def contiguous(fn: Any) -> Any:
+        def kernel(*args: Any) -> Any:
+            warn_once()
+            out = fn(*args)
+            if isinstance(out, tuple):
+                return tuple(t.contiguous() for t in out)
+            return out.contiguous()
+
+        return kernel
+
+    for name in _OPS:
+        torch.library.register_kernel(f"orthoft::{name}", "cuda", contiguous(getattr(reference, name)))
+
+
+if not _C.with_cuda:
+    _register_cuda_fallback()
