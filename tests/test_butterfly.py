@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orthoft import ops, reference
+
+from helpers import assert_close_rel, non_contiguous
+
+# (block_size b, factors m, features N, leading dims of x)
+CASES = [
+    (1, 1, 5, (3,)),
+    (3, 1, 9, (2, 2)),
+    (2, 1, 8, (4,)),
+    (2, 6, 64, (5,)),
+    (4, 3, 32, (2, 3)),
+    (4, 2, 24, (7,)),
+    (6, 2, 24, (3,)),
+    (8, 4, 128, (33,)),
+    (8, 1, 64, (2, 1, 3)),
+    (16, 2, 96, (9,)),
+    (16, 5, 256, (3,)),
+    (32, 1, 96, (4,)),
+    (32, 3, 256, (5,)),
+    (2, 6, 128, (2, 2)),
+    (32, 6, 1024, (2,)),
+]
+
+
+def _rand(b: int, m: int, n: int, batch: tuple[int, ...], device: str, dtype: torch.dtype = torch.float64):
+    x = torch.randn(*batch, n, dtype=dtype, device=device)
+    rotations = torch.randn(m, n // b, b, b, dtype=dtype, device=device) / b**0.5
+    return x, rotations
+
+
+@pytest.mark.parametrize(("b", "m", "n", "batch"), CASES)
+def test_forward_matches_reference_and_dense(
+    b: int, m: int, n: int, batch: tuple[int, ...], device: str
+) -> None:
+    x, rotations = _rand(b, m, n, batch, device)
+    out = ops.butterfly(x, rotations, b)
+    torch.testing.assert_close(out, reference.butterfly(x, rotations, b), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, x @ reference.butterfly_matrix(rotations, b), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("b", "m", "n", "batch"), CASES)
+def test_backward_matches_reference_autograd(
+    b: int, m: int, n: int, batch: tuple[int, ...], device: str
+) -> None:
+    x, rotations = _rand(b, m, n, batch, device)
+    x.requires_grad_()
+    rotations.requires_grad_()
+    grad = torch.randn(*batch, n, dtype=torch.float64, device=device)
+    got = torch.autograd.grad(ops.butterfly(x, rotations, b), (x, rotations), grad)
+    want = torch.autograd.grad(x @ reference.butterfly_matrix(rotations, b), (x, rotations), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_many_rows_use_several_tiles(device: str) -> None:
+    x, rotations = _rand(4, 3, 32, (257,), device)
+    grad = torch.randn_like(x)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, 4)
+    want = reference.butterfly_backward(grad, x, rotations, 4)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_non_contiguous_inputs(device: str) -> None:
+    x, rotations = _rand(4, 3, 64, (6,), device)
+    x_nc = non_contiguous(x)
+    rot_nc = rotations.mT.contiguous().mT
+    assert not rot_nc.is_contiguous()
+    out = ops.butterfly(x_nc, rot_nc, 4)
+    torch.testing.assert_close(out, reference.butterfly(x, rotations, 4), rtol=1e-10, atol=1e-12)
+    grad = non_contiguous(torch.randn_like(x))
+    got = torch.ops.orthoft.butterfly_backward(grad, x_nc, rot_nc, 4)
+    want = reference.butterfly_backward(grad, x, rotations, 4)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_identity_rotations_give_x(device: str) -> None:
+    x = torch.randn(10, 64, dtype=torch.float64, device=device)
+    eye = torch.eye(8, dtype=torch.float64, device=device).expand(3, 8, 8, 8)
+    torch.testing.assert_close(ops.butterfly(x, eye, 8), x, rtol=0, atol=1e-15)
+
+
+def test_orthogonal_rotations_preserve_norms(device: str) -> None:
+    a = torch.randn(4, 16, 8, 8, dtype=torch.float64, device=device)
+    rotations = torch.linalg.qr(a).Q
+    x = torch.randn(12, 128, dtype=torch.float64, device=device)
+    torch.testing.assert_close(ops.butterfly(x, rotations, 8).norm(dim=-1), x.norm(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_against_float64(dtype: torch.dtype, device: str) -> None:
+    x64, rot64 = _rand(8, 4, 256, (64,), device)
+    x, rotations = x64.to(dtype), rot64.to(dtype)
+    out = ops.butterfly(x, rotations, 8)
+    assert out.dtype == dtype
+    assert_close_rel(out, reference.butterfly(x.double(), rotations.double(), 8), dtype)
+    grad = torch.randn_like(x64).to(dtype)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, 8)
+    want = reference.butterfly_backward(grad.double(), x.double(), rotations.double(), 8)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        assert_close_rel(g, w, dtype)
+
+
+def test_empty_rows(device: str) -> None:
+    x, rotations = _rand(4, 2, 16, (0,), device)
+    assert ops.butterfly(x, rotations, 4).shape == (0, 16)
+    grad_x, grad_rot = torch.ops.orthoft.butterfly_backward(x, x, rotations, 4)
+    assert grad_x.shape == (0, 16)
+    torch.testing.assert_close(grad_rot, torch.zeros_like(rotations), rtol=0, atol=0)
+
+
+def test_gradcheck(device: str) -> None:
+    x, rotations = _rand(4, 3, 32, (3,), device)
+    assert torch.autograd.gradcheck(
+        lambda a, r: ops.butterfly(a, r, 4), (x.requires_grad_(), rotations.requires_grad_())
+    )
+
+
+@pytest.mark.parametrize(("b", "m", "n"), [(4, 3, 32), (2, 1, 6)])
+def test_opcheck(b: int, m: int, n: int, device: str) -> None:
+    x, rotations = _rand(b, m, n, (3, 2), device, dtype=torch.float32)
+    torch.library.opcheck(
+        torch.ops.orthoft.butterfly.default, (x.requires_grad_(), rotations.requires_grad_(), b)
+    )
+    args = (torch.randn_like(x), x.detach(), rotations.detach(), b)
+    torch.library.opcheck(torch.ops.orthoft.butterfly_backward.default, args)
