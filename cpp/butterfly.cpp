@@ -1,8 +1,10 @@
 // CPU kernels of butterfly: y = x @ M_{m-1} ... M_0 and its backward, with permutations as index maps.
 //
 // Every factor mixes columns only inside chunks of C = b * 2^(m-1), so a task takes a tile of
-// kRowsPerTile rows x C columns, stores it column-major in the accumulation type (so each update is
-// a vectorisable loop over rows), applies all m factors in place and writes the tile once.
+// kRows rows x C columns, stores it column-major in the accumulation type (each update is then a
+// fixed-length loop over rows that the compiler vectorises), applies all m factors in place and
+// writes the tile once. The tile loops are compiled twice, for AVX2+FMA and for the baseline
+// instruction set, and chosen at run time.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,16 +15,43 @@
 
 #include "checks.h"
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#define ORTHOFT_ALWAYS_INLINE inline __attribute__((always_inline))
+#define ORTHOFT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define ORTHOFT_HAVE_AVX2_PATH 1
+#else
+#define ORTHOFT_ALWAYS_INLINE inline
+#define ORTHOFT_HAVE_AVX2_PATH 0
+#endif
+
 namespace orthoft {
 namespace {
 
-constexpr int64_t kRowsPerTile = 32;
+constexpr int64_t kRows = 32;
+constexpr int64_t kMinTileColumns = 256;
 
-// positions[i * C + blk * b + t]: the column, inside a chunk of C, of element t of local block blk of
+// A 32-byte vector of the accumulation type (GCC/Clang vector extension): kRows rows of one tile
+// column are kLanes of them. may_alias lets the tile be read and written as scalars too; the
+// element alignment keeps loads unaligned, as the baseline build does not align 32-byte types.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32), may_alias, aligned(sizeof(float))));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32), may_alias, aligned(sizeof(double))));
+};
+template <typename T>
+using vec_t = typename Vec<T>::type;
+template <typename T>
+constexpr int64_t kLanes = kRows * sizeof(T) / sizeof(vec_t<T>);
+
+// positions[i * C + blk * b + t]: the column, inside a tile of C columns, of element t of local block blk of
 // factor i. Factor i splits the chunk into pieces of c = b * 2^i; block d of a piece takes b/2
 // columns at d * b/2 and b/2 columns at c/2 + d * b/2 (factor 0: b contiguous columns).
-std::vector<int64_t> butterfly_positions(int64_t b, int64_t m) {
-  const int64_t chunk = b << (m - 1);
+std::vector<int64_t> butterfly_positions(int64_t b, int64_t m, int64_t chunk) {
   const int64_t half = b / 2;
   std::vector<int64_t> positions(m * chunk);
   for (int64_t i = 0; i < m; ++i) {
@@ -39,113 +68,264 @@ std::vector<int64_t> butterfly_positions(int64_t b, int64_t m) {
   return positions;
 }
 
-struct Tile {
-  int64_t rows;   // rows in this tile (<= kRowsPerTile)
-  int64_t first;  // first row
-  int64_t chunk;  // chunk index along the columns
+// Sizes of one call, and where a task's tile lies.
+// A task's tile spans `chunk` columns: a whole number of the independent b * 2^(m-1) column groups,
+// widened up to kMinTileColumns so that small groups do not make tiny tasks.
+struct Problem {
+  int64_t n, b, m, chunk, rows, tiles, chunks;
+  Problem(const at::Tensor& x, const at::Tensor& rotations, int64_t block_size)
+      : n(x.size(-1)), b(block_size), m(rotations.size(0)), chunk(block_size << (m - 1)) {
+    const int64_t groups = n / chunk;
+    for (int64_t k = groups; k >= 1; --k) {
+      if (groups % k == 0 && k * chunk <= std::max(chunk, kMinTileColumns)) {
+        chunk *= k;
+        break;
+      }
+    }
+    rows = n == 0 ? 0 : x.numel() / n;
+    tiles = (rows + kRows - 1) / kRows;
+    chunks = n / chunk;
+  }
+  int64_t blocks_per_chunk() const { return chunk / b; }
+  int64_t factor_stride() const { return n * b; }  // elements of one factor's rotations
 };
 
+// Loads rows [first, first + rows) of one chunk, zero-padding the tile to kRows rows.
 template <typename scalar_t, typename acc_t>
-void load_tile(const scalar_t* src, int64_t n, int64_t c, const Tile& tile, acc_t* buf) {
-  for (int64_t r = 0; r < tile.rows; ++r) {
-    const scalar_t* row = src + (tile.first + r) * n + tile.chunk * c;
-    for (int64_t j = 0; j < c; ++j) buf[j * kRowsPerTile + r] = static_cast<acc_t>(row[j]);
+ORTHOFT_ALWAYS_INLINE void load_tile(const scalar_t* src, const Problem& p, int64_t first, int64_t rows,
+                                     int64_t chunk, acc_t* buf) {
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (r < rows) {
+      const scalar_t* row = src + (first + r) * p.n + chunk * p.chunk;
+      for (int64_t j = 0; j < p.chunk; ++j) buf[j * kRows + r] = static_cast<acc_t>(row[j]);
+    } else {
+      for (int64_t j = 0; j < p.chunk; ++j) buf[j * kRows + r] = acc_t(0);
+    }
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void store_tile(const acc_t* buf, int64_t n, int64_t c, const Tile& tile, scalar_t* dst) {
-  for (int64_t r = 0; r < tile.rows; ++r) {
-    scalar_t* row = dst + (tile.first + r) * n + tile.chunk * c;
-    for (int64_t j = 0; j < c; ++j) row[j] = static_cast<scalar_t>(buf[j * kRowsPerTile + r]);
+ORTHOFT_ALWAYS_INLINE void store_tile(const acc_t* buf, const Problem& p, int64_t first, int64_t rows,
+                                      int64_t chunk, scalar_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* row = dst + (first + r) * p.n + chunk * p.chunk;
+    for (int64_t j = 0; j < p.chunk; ++j) row[j] = static_cast<scalar_t>(buf[j * kRows + r]);
   }
 }
 
-// In place on a column-major tile: for each block, v <- v @ R (or v @ R^T when transposed).
+// In place on a column-major tile: for each block, v <- v @ R. Two output columns at a time, so each
+// loaded input vector feeds two independent accumulator chains.
 template <typename acc_t>
-void apply_factor(acc_t* buf, const int64_t* pos, const acc_t* rot, int64_t blocks, int64_t b, bool transposed,
-                  int64_t rows, acc_t* scratch) {
+ORTHOFT_ALWAYS_INLINE void apply_factor(acc_t* buf, const int64_t* pos, const acc_t* rot, int64_t blocks,
+                                        int64_t b, acc_t* scratch) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t lanes = kLanes<acc_t>;
+  V* tile = reinterpret_cast<V*>(buf);
+  V* out = reinterpret_cast<V*>(scratch);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t* p = pos + blk * b;
     const acc_t* r = rot + blk * b * b;
-    for (int64_t c = 0; c < b; ++c) {
-      acc_t* out = scratch + c * kRowsPerTile;
-      for (int64_t row = 0; row < rows; ++row) out[row] = acc_t(0);
+    int64_t c = 0;
+    for (; c + 1 < b; c += 2) {
+      V acc0[lanes] = {};
+      V acc1[lanes] = {};
       for (int64_t t = 0; t < b; ++t) {
-        const acc_t w = transposed ? r[c * b + t] : r[t * b + c];
-        const acc_t* in = buf + p[t] * kRowsPerTile;
-        for (int64_t row = 0; row < rows; ++row) out[row] += w * in[row];
+        const acc_t w0 = r[t * b + c];
+        const acc_t w1 = r[t * b + c + 1];
+        const V* in = tile + p[t] * lanes;
+        for (int64_t l = 0; l < lanes; ++l) {
+          acc0[l] += w0 * in[l];
+          acc1[l] += w1 * in[l];
+        }
+      }
+      for (int64_t l = 0; l < lanes; ++l) {
+        out[c * lanes + l] = acc0[l];
+        out[(c + 1) * lanes + l] = acc1[l];
       }
     }
-    for (int64_t c = 0; c < b; ++c) {
-      std::copy(scratch + c * kRowsPerTile, scratch + c * kRowsPerTile + rows, buf + p[c] * kRowsPerTile);
+    if (c < b) {
+      V acc[lanes] = {};
+      for (int64_t t = 0; t < b; ++t) {
+        const V* in = tile + p[t] * lanes;
+        for (int64_t l = 0; l < lanes; ++l) acc[l] += r[t * b + c] * in[l];
+      }
+      for (int64_t l = 0; l < lanes; ++l) out[c * lanes + l] = acc[l];
+    }
+    for (int64_t j = 0; j < b; ++j) {
+      for (int64_t l = 0; l < lanes; ++l) tile[p[j] * lanes + l] = out[j * lanes + l];
     }
   }
 }
 
-// grad_rot[blk] += in_block^T @ grad_block, summed over the tile's rows.
+// grad_lanes[blk, t, c] += in_block^T @ grad_block over the tile's rows, kept as one vector of
+// partial sums per entry (padding rows are zero); reduce_lanes folds them once all tiles are done.
 template <typename acc_t>
-void accumulate_rotation_grad(const acc_t* in, const acc_t* grad, const int64_t* pos, int64_t blocks, int64_t b,
-                              int64_t rows, acc_t* grad_rot) {
+ORTHOFT_ALWAYS_INLINE void accumulate_rotation_grad(const acc_t* in, const acc_t* grad, const int64_t* pos,
+                                                    int64_t blocks, int64_t b, acc_t* grad_lanes) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t lanes = kLanes<acc_t>;
+  const V* x = reinterpret_cast<const V*>(in);
+  const V* g = reinterpret_cast<const V*>(grad);
+  V* out = reinterpret_cast<V*>(grad_lanes);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t* p = pos + blk * b;
-    acc_t* out = grad_rot + blk * b * b;
     for (int64_t t = 0; t < b; ++t) {
-      const acc_t* a = in + p[t] * kRowsPerTile;
       for (int64_t c = 0; c < b; ++c) {
-        const acc_t* g = grad + p[c] * kRowsPerTile;
-        acc_t sum = 0;
-        for (int64_t row = 0; row < rows; ++row) sum += a[row] * g[row];
-        out[t * b + c] += sum;
+        V sum = out[(blk * b + t) * b + c];
+        for (int64_t l = 0; l < lanes; ++l) sum += x[p[t] * lanes + l] * g[p[c] * lanes + l];
+        out[(blk * b + t) * b + c] = sum;
       }
     }
   }
 }
 
-struct Layout {
-  int64_t n, b, m, chunk, rows, tiles, chunks;
-  Layout(const at::Tensor& x, const at::Tensor& rotations, int64_t block_size)
-      : n(x.size(-1)), b(block_size), m(rotations.size(0)), chunk(block_size << (m - 1)) {
-    rows = n == 0 ? 0 : x.numel() / n;
-    tiles = (rows + kRowsPerTile - 1) / kRowsPerTile;
-    chunks = n / chunk;
+template <typename acc_t>
+ORTHOFT_ALWAYS_INLINE void reduce_lanes(const acc_t* grad_lanes, int64_t count, acc_t* grad_rot) {
+  constexpr int64_t width = sizeof(vec_t<acc_t>) / sizeof(acc_t);
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t total = 0;
+    for (int64_t e = 0; e < width; ++e) total += grad_lanes[i * width + e];
+    grad_rot[i] += total;
   }
-  Tile tile(int64_t row_tile, int64_t chunk_index) const {
-    const int64_t first = row_tile * kRowsPerTile;
-    return {std::min(kRowsPerTile, rows - first), first, chunk_index};
-  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const Problem& p;
+  const int64_t* positions;
+  const acc_t* rot;
+  const scalar_t* x;
+  scalar_t* y;
 };
+
+template <typename scalar_t, typename acc_t>
+ORTHOFT_ALWAYS_INLINE void forward_items(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  const Problem& p = a.p;
+  std::vector<acc_t> storage((p.chunk + p.b) * kRows);
+  acc_t* buf = storage.data();
+  acc_t* scratch = buf + p.chunk * kRows;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t chunk = item % p.chunks;
+    const int64_t first = (item / p.chunks) * kRows;
+    const int64_t rows = std::min(kRows, p.rows - first);
+    load_tile(a.x, p, first, rows, chunk, buf);
+    for (int64_t i = p.m - 1; i >= 0; --i) {
+      apply_factor(buf, a.positions + i * p.chunk, a.rot + i * p.factor_stride() + chunk * p.chunk * p.b,
+                   p.blocks_per_chunk(), p.b, scratch);
+    }
+    store_tile(buf, p, first, rows, chunk, a.y);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const Problem& p;
+  const int64_t* positions;
+  const acc_t* rot;
+  const acc_t* rot_t;  // the rotations transposed, for the gradient of x
+  const scalar_t* x;
+  const scalar_t* grad;
+  scalar_t* grad_x;
+  acc_t* partial;  // (parts, m, D, b, b)
+  int64_t parts;
+};
+
+// Rows are split into `parts` interleaved sets of tiles, each summing into its own partial rotation
+// gradient; item = (part, chunk).
+template <typename scalar_t, typename acc_t>
+ORTHOFT_ALWAYS_INLINE void backward_items(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  const Problem& p = a.p;
+  const int64_t tile_size = p.chunk * kRows;
+  // stages[i]: the input of factor i (stage m-1 is x); gbuf: the gradient flowing back.
+  constexpr int64_t width = sizeof(vec_t<acc_t>) / sizeof(acc_t);
+  const int64_t factor_entries = p.chunk * p.b;  // rotation entries of one factor inside a tile
+  std::vector<acc_t> storage((p.m + 1) * tile_size + p.b * kRows);
+  std::vector<acc_t> grad_lanes(p.m * factor_entries * width);
+  acc_t* stages = storage.data();
+  acc_t* gbuf = stages + p.m * tile_size;
+  acc_t* scratch = gbuf + tile_size;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t part = item / p.chunks;
+    const int64_t chunk = item % p.chunks;
+    const acc_t* rot = a.rot + chunk * p.chunk * p.b;
+    const acc_t* rot_t = a.rot_t + chunk * p.chunk * p.b;
+    acc_t* grad_rot = a.partial + part * p.m * p.factor_stride() + chunk * p.chunk * p.b;
+    std::fill(grad_lanes.begin(), grad_lanes.end(), acc_t(0));
+    for (int64_t tile = part; tile < p.tiles; tile += a.parts) {
+      const int64_t first = tile * kRows;
+      const int64_t rows = std::min(kRows, p.rows - first);
+      load_tile(a.x, p, first, rows, chunk, stages + (p.m - 1) * tile_size);
+      for (int64_t i = p.m - 1; i >= 1; --i) {
+        acc_t* next = stages + (i - 1) * tile_size;
+        std::copy_n(stages + i * tile_size, tile_size, next);
+        apply_factor(next, a.positions + i * p.chunk, rot + i * p.factor_stride(), p.blocks_per_chunk(), p.b,
+                     scratch);
+      }
+      load_tile(a.grad, p, first, rows, chunk, gbuf);
+      for (int64_t i = 0; i < p.m; ++i) {
+        const int64_t* pos = a.positions + i * p.chunk;
+        accumulate_rotation_grad(stages + i * tile_size, gbuf, pos, p.blocks_per_chunk(), p.b,
+                                 grad_lanes.data() + i * factor_entries * width);
+        apply_factor(gbuf, pos, rot_t + i * p.factor_stride(), p.blocks_per_chunk(), p.b, scratch);
+      }
+      store_tile(gbuf, p, first, rows, chunk, a.grad_x);
+    }
+    for (int64_t i = 0; i < p.m; ++i) {
+      reduce_lanes(grad_lanes.data() + i * factor_entries * width, factor_entries, grad_rot + i * p.factor_stride());
+    }
+  }
+}
+
+#if ORTHOFT_HAVE_AVX2_PATH
+template <typename scalar_t, typename acc_t>
+ORTHOFT_TARGET_AVX2 void forward_items_avx2(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  forward_items(a, begin, end);
+}
+
+template <typename scalar_t, typename acc_t>
+ORTHOFT_TARGET_AVX2 void backward_items_avx2(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  backward_items(a, begin, end);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+void run_forward(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+#if ORTHOFT_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return forward_items_avx2(a, begin, end);
+#endif
+  forward_items(a, begin, end);
+}
+
+template <typename scalar_t, typename acc_t>
+void run_backward(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+#if ORTHOFT_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return backward_items_avx2(a, begin, end);
+#endif
+  backward_items(a, begin, end);
+}
 
 }  // namespace
 
 at::Tensor butterfly_cpu(const at::Tensor& x, const at::Tensor& rotations, int64_t block_size) {
   check_butterfly(x, rotations, block_size);
-  const Layout L(x, rotations, block_size);
+  TORCH_CHECK(x.device().is_cpu(), "orthoft.ops.butterfly: the CPU kernel got x on ", x.device());
+  const Problem p(x, rotations, block_size);
   const at::Tensor in = x.contiguous();
   at::Tensor out = at::empty_like(in);
-  const std::vector<int64_t> positions = butterfly_positions(L.b, L.m);
-  const int64_t blocks = L.chunk / L.b;
+  const std::vector<int64_t> positions = butterfly_positions(p.b, p.m, p.chunk);
+  const auto acc_type = at::toOpMathType(in.scalar_type());
+  const at::Tensor rot = rotations.to(acc_type).contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "orthoft_butterfly_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor rot = rotations.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t* rot_ptr = rot.const_data_ptr<acc_t>();
-    const scalar_t* src = in.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const int64_t rot_factor = L.n * L.b;  // elements of one factor's rotations
-    at::parallel_for(0, L.tiles * L.chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(L.chunk * kRowsPerTile), scratch(L.b * kRowsPerTile);
-      for (int64_t item = begin; item < end; ++item) {
-        const Tile tile = L.tile(item / L.chunks, item % L.chunks);
-        load_tile(src, L.n, L.chunk, tile, buf.data());
-        for (int64_t i = L.m - 1; i >= 0; --i) {
-          const acc_t* rot_chunk = rot_ptr + i * rot_factor + tile.chunk * L.chunk * L.b;
-          apply_factor(buf.data(), positions.data() + i * L.chunk, rot_chunk, blocks, L.b, false, tile.rows,
-                       scratch.data());
-        }
-        store_tile(buf.data(), L.n, L.chunk, tile, dst);
-      }
-    });
+    const ForwardArgs<scalar_t, acc_t> args{p, positions.data(), rot.const_data_ptr<acc_t>(),
+                                            in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>()};
+    at::parallel_for(0, p.tiles * p.chunks, 1, [&](int64_t begin, int64_t end) { run_forward(args, begin, end); });
   });
   return out;
 }
@@ -153,57 +333,32 @@ at::Tensor butterfly_cpu(const at::Tensor& x, const at::Tensor& rotations, int64
 std::tuple<at::Tensor, at::Tensor> butterfly_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                           const at::Tensor& rotations, int64_t block_size) {
   check_butterfly_backward(grad, x, rotations, block_size);
-  const Layout L(x, rotations, block_size);
+  TORCH_CHECK(x.device().is_cpu(), "orthoft.ops.butterfly_backward: the CPU kernel got x on ", x.device());
+  const Problem p(x, rotations, block_size);
   const at::Tensor in = x.contiguous();
   const at::Tensor g = grad.contiguous();
   at::Tensor grad_x = at::empty_like(in);
-  const std::vector<int64_t> positions = butterfly_positions(L.b, L.m);
-  const int64_t blocks = L.chunk / L.b;
-  // Rows are split into `parts` interleaved sets of tiles, each with its own partial rotation gradient,
-  // summed at the end in a fixed order: deterministic for any thread count.
-  const int64_t parts =
-      std::min(L.tiles, std::max<int64_t>(1, (2 * at::get_num_threads() + L.chunks - 1) / L.chunks));
+  const std::vector<int64_t> positions = butterfly_positions(p.b, p.m, p.chunk);
+  // Enough parts to keep every thread busy; summed at the end in a fixed order, so the result does
+  // not depend on scheduling.
+  const int64_t parts = std::min(p.tiles, std::max<int64_t>(1, (2 * at::get_num_threads() + p.chunks - 1) / p.chunks));
   const auto acc_type = at::toOpMathType(in.scalar_type());
-  at::Tensor partial = at::zeros({parts, L.m, L.n / L.b, L.b, L.b}, in.options().dtype(acc_type));
+  const at::Tensor rot = rotations.to(acc_type).contiguous();
+  const at::Tensor rot_t = rot.transpose(-1, -2).contiguous();
+  at::Tensor partial = at::zeros({parts, p.m, p.n / p.b, p.b, p.b}, in.options().dtype(acc_type));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "orthoft_butterfly_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor rot = rotations.to(acc_type).contiguous();
-    const acc_t* rot_ptr = rot.const_data_ptr<acc_t>();
-    const scalar_t* x_ptr = in.const_data_ptr<scalar_t>();
-    const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
-    scalar_t* dx_ptr = grad_x.mutable_data_ptr<scalar_t>();
-    acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
-    const int64_t rot_factor = L.n * L.b;
-    const int64_t tile_size = L.chunk * kRowsPerTile;
-    at::parallel_for(0, parts * L.chunks, 1, [&](int64_t begin, int64_t end) {
-      // stages[i]: the input of factor i (stage m-1 is x); gbuf: the gradient flowing back.
-      std::vector<acc_t> stages(L.m * tile_size), gbuf(tile_size), scratch(L.b * kRowsPerTile);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t part = item / L.chunks;
-        const int64_t chunk = item % L.chunks;
-        acc_t* grad_rot = partial_ptr + part * L.m * rot_factor + chunk * L.chunk * L.b;
-        for (int64_t row_tile = part; row_tile < L.tiles; row_tile += parts) {
-          const Tile tile = L.tile(row_tile, chunk);
-          load_tile(x_ptr, L.n, L.chunk, tile, stages.data() + (L.m - 1) * tile_size);
-          for (int64_t i = L.m - 1; i >= 1; --i) {
-            std::copy_n(stages.data() + i * tile_size, tile_size, stages.data() + (i - 1) * tile_size);
-            apply_factor(stages.data() + (i - 1) * tile_size, positions.data() + i * L.chunk,
-                         rot_ptr + i * rot_factor + chunk * L.chunk * L.b, blocks, L.b, false, tile.rows,
-                         scratch.data());
-          }
-          load_tile(g_ptr, L.n, L.chunk, tile, gbuf.data());
-          for (int64_t i = 0; i < L.m; ++i) {
-            const int64_t* pos = positions.data() + i * L.chunk;
-            accumulate_rotation_grad(stages.data() + i * tile_size, gbuf.data(), pos, blocks, L.b, tile.rows,
-                                     grad_rot + i * rot_factor);
-            apply_factor(gbuf.data(), pos, rot_ptr + i * rot_factor + chunk * L.chunk * L.b, blocks, L.b, true,
-                         tile.rows, scratch.data());
-          }
-          store_tile(gbuf.data(), L.n, L.chunk, tile, dx_ptr);
-        }
-      }
-    });
+    const BackwardArgs<scalar_t, acc_t> args{p,
+                                             positions.data(),
+                                             rot.const_data_ptr<acc_t>(),
+                                             rot_t.const_data_ptr<acc_t>(),
+                                             in.const_data_ptr<scalar_t>(),
+                                             g.const_data_ptr<scalar_t>(),
+                                             grad_x.mutable_data_ptr<scalar_t>(),
+                                             partial.mutable_data_ptr<acc_t>(),
+                                             parts};
+    at::parallel_for(0, parts * p.chunks, 1, [&](int64_t begin, int64_t end) { run_backward(args, begin, end); });
   });
   return {grad_x, partial.sum(0).to(rotations.scalar_type())};
 }
