@@ -5,10 +5,20 @@ from __future__ import annotations
 import torch
 
 from . import _C, ops, reference
+from .layers import BOFTConv2d, BOFTLinear, OFTConv2d, OFTLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "cuda_kernels_available", "ops", "reference"]
+__all__ = [
+    "BOFTConv2d",
+    "BOFTLinear",
+    "OFTConv2d",
+    "OFTLinear",
+    "__version__",
+    "cuda_kernels_available",
+    "ops",
+    "reference",
+]
 
 
 def cuda_kernels_available() -> bool:

@@ -1,0 +1,67 @@
+"""``Conv2dLayer``: adapters on an ``nn.Conv2d``, exact by construction.
+
+The rotation acts on the flattened filter ``F = (in/groups) * kh * kw``: ``W' = (W_flat @ R^T) * s``
+reshaped back, then the base layer's own convolution with all its stride, padding, padding mode,
+dilation and groups. With ``R = I`` the output is the base layer's; merged equals unmerged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import OrthoftLayer
+
+
+class Conv2dLayer(OrthoftLayer):
+    """The Conv2d kind of ``OrthoftLayer``.
+
+    ``in_features``/``out_features`` repeat ``in_channels``/``out_channels``, as PEFT names them.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+
+    def _attach_base_layer(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(
+                f"{self.label} cannot wrap a {type(base_layer).__module__}.{type(base_layer).__qualname__}; "
+                "supported base layers: torch.nn.Conv2d"
+            )
+        if fan_in_fan_out:
+            raise ValueError(
+                f"{self.label}: fan_in_fan_out=True applies to Conv1D layers only, not nn.Conv2d"
+            )
+        self.base_layer = base_layer
+        self.in_channels = self.in_features = base_layer.in_channels
+        self.out_channels = self.out_features = base_layer.out_channels
+        kh, kw = base_layer.kernel_size
+        self.kernel_size = (kh, kw)
+        self.filter_size = base_layer.in_channels // base_layer.groups * kh * kw
+
+    def _filter_text(self) -> str:
+        kh, kw = self.kernel_size
+        groups = self.base_layer.groups
+        return (
+            f"the filter size (in_channels/groups)*kh*kw = ({self.in_channels}/{groups})*{kh}*{kw} "
+            f"= {self.filter_size}"
+        )
+
+    def _dims_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, filter_size={self.filter_size}"
+        )
+
+    def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.out_channels, self.filter_size)
+
+    def _weight_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(self.base_layer.weight.shape)
+
+    def _adapted_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        weight = self.base_layer.weight
+        matrix = self._adapted_weight_matrix(weight, adapter_names, self.training)
+        adapted = self._weight_from_matrix(matrix).to(weight.dtype)
+        return self.base_layer._conv_forward(x, adapted, self.base_layer.bias)

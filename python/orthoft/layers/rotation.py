@@ -1,0 +1,62 @@
+"""Helpers shared by the layers to build rotation blocks: skew matrices, COFT, dropout, dense form."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+
+
+def packed_skew(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(n, b*(b-1)/2)`` strict upper triangles -> ``(n, b, b)`` skew matrices ``Q - Q^T`` (OFT's layout)."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    upper = packed.new_zeros(packed.shape[0], block_size, block_size)
+    upper[:, rows, cols] = packed
+    return upper - upper.mT
+
+
+def block_skew(blocks: torch.Tensor) -> torch.Tensor:
+    """The skew-symmetric part ``(B - B^T) / 2`` of each block (BOFT's parameterisation)."""
+    return 0.5 * (blocks - blocks.mT)
+
+
+def project_packed_skew(packed: torch.Tensor, eps: float) -> torch.Tensor:
+    """COFT: each skew block moved into the Frobenius ball of radius ``eps / sqrt(n)`` around 0.
+
+    PEFT's ``_project_batch`` on the packed form: a block already inside the ball is kept, any other
+    is scaled onto its surface. ``n`` is the number of stored blocks.
+    """
+    radius = eps / math.sqrt(packed.shape[0])
+    # ||Q - Q^T||_F counts each stored entry twice.
+    norm = math.sqrt(2.0) * torch.linalg.vector_norm(packed, dim=-1, keepdim=True)
+    return torch.where(norm <= radius, packed, packed * (radius / norm))
+
+
+def cayley_blocks(skew: torch.Tensor, num_neumann_terms: int) -> torch.Tensor:
+    """Rotations from skew matrices of any batch shape ``(..., b, b)`` (0 terms: exact Cayley)."""
+    b = skew.shape[-1]
+    return ops.cayley(skew.reshape(-1, b, b), num_neumann_terms).reshape(skew.shape)
+
+
+def drop_blocks(rotations: torch.Tensor, p: float) -> torch.Tensor:
+    """Multiplicative dropout of rotations ``(m, D, b, b)``.
+
+    In one randomly chosen factor, ``int(p * D)`` randomly chosen blocks are replaced by the identity.
+    """
+    m, d, b, _ = rotations.shape
+    count = int(p * d)
+    if count == 0:
+        return rotations
+    dropped = torch.zeros(m, d, 1, 1, dtype=torch.bool)
+    dropped[torch.randint(m, ()), torch.randperm(d)[:count]] = True
+    eye = torch.eye(b, dtype=rotations.dtype, device=rotations.device)
+    return torch.where(dropped.to(rotations.device), eye, rotations)
+
+
+def dense_rotation(rotations: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The dense ``N x N`` matrix ``R`` of butterfly ``rotations`` ``(m, N/b, b, b)``: ``I @ R``."""
+    n = rotations.shape[1] * block_size
+    eye = torch.eye(n, dtype=rotations.dtype, device=rotations.device)
+    return ops.butterfly(eye, rotations, block_size)
