@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from orthoft import reference
 from orthoft.layers import OFTLinear, OrthoftLayer
-from orthoft.layers.rotation import drop_blocks
+from orthoft.layers.rotation import drop_blocks, project_packed_skew
 
 
 def reference_rotation(layer: OFTLinear, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -319,6 +319,16 @@ def test_coft_projects_each_block_before_use() -> None:
     torch.testing.assert_close(weight[0].detach(), inside, rtol=0, atol=0)
     rotation = reference_rotation(layer, "default", weight.detach())
     torch.testing.assert_close(out, x @ rotation @ layer.base_layer.weight.T + layer.base_layer.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_coft_projection_is_idempotent(dtype: torch.dtype) -> None:
+    packed = torch.randn(64, 28, dtype=dtype)
+    once = project_packed_skew(packed, 0.1)
+    assert torch.equal(project_packed_skew(once, 0.1), once)
+    layer = OFTLinear(32, 8, block_size=8, coft=True, eps=0.1, init_weights=False, dtype=dtype)
+    x = torch.randn(3, 32, dtype=dtype)
+    assert torch.equal(layer(x), layer(x))
 
 
 def test_wraps_transformers_conv1d() -> None:

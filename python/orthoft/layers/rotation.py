@@ -26,12 +26,14 @@ def project_packed_skew(packed: torch.Tensor, eps: float) -> torch.Tensor:
     """COFT: each skew block moved into the Frobenius ball of radius ``eps / sqrt(n)`` around 0.
 
     PEFT's ``_project_batch`` on the packed form: a block already inside the ball is kept, any other
-    is scaled onto its surface. ``n`` is the number of stored blocks.
+    is scaled onto its surface. ``n`` is the number of stored blocks. A block that rounding left a
+    few ulps outside counts as inside, so that projecting twice changes nothing.
     """
     radius = eps / math.sqrt(packed.shape[0])
     # ||Q - Q^T||_F counts each stored entry twice.
     norm = math.sqrt(2.0) * torch.linalg.vector_norm(packed, dim=-1, keepdim=True)
-    return torch.where(norm <= radius, packed, packed * (radius / norm))
+    inside = norm <= radius * (1 + 8 * torch.finfo(packed.dtype).eps)
+    return torch.where(inside, packed, packed * (radius / norm))
 
 
 def cayley_blocks(skew: torch.Tensor, num_neumann_terms: int) -> torch.Tensor:
