@@ -1,0 +1,10 @@
+"""The benchmark suites, by name, in the order a run executes them."""
+
+from __future__ import annotations
+
+from cases import Suite
+from suites import block_diag, butterfly, cayley, conv, layer
+
+SUITES: dict[str, Suite] = {
+    module.SUITE.name: module.SUITE for module in (block_diag, cayley, butterfly, layer, conv)
+}

@@ -1,0 +1,88 @@
+"""Training step of one Conv2d layer on ResNet-50 shapes: orthoft's OFT/BOFT, PEFT's and the frozen conv."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cases import Case, Settings, Step, Suite
+from peft_support import PEFT_MISSING, peft_boft_skip, peft_version
+from steps import module_step
+from suites.adapters import adapted_layer
+
+FROZEN = "nn.Conv2d (frozen)"
+OFT_BLOCK_SIZE = {"smoke": 8, "quick": 32, "full": 32}
+BOFT_BLOCK_SIZE = {"smoke": 4, "quick": 8, "full": 8}
+BUTTERFLY_FACTORS = {"smoke": [2], "quick": [1, 4], "full": [1, 4]}
+
+# (in channels, out channels, kernel, height = width): a 3x3 of stage 1, a 3x3 of stage 3, a 1x1 reduction
+SHAPES = {
+    "smoke": [(8, 8, 3, 6)],
+    "quick": [(64, 64, 3, 56)],
+    "full": [(64, 64, 3, 56), (256, 256, 3, 14), (1024, 256, 1, 14)],
+}
+
+
+def shape_label(in_channels: int, out_channels: int, kernel: int, size: int, batch: int) -> str:
+    return f"{kernel}x{kernel} {in_channels}->{out_channels} @ {size}x{size}, batch {batch}"
+
+
+def _batch(settings: Settings) -> int:
+    if settings.batch is not None:
+        return settings.batch
+    if settings.size == "smoke":
+        return 2
+    return 32 if settings.on_cuda else 8
+
+
+def _competitors(settings: Settings) -> list[tuple[str, dict[str, Any], str | None]]:
+    """(label, spec, skip reason) of every competitor, the frozen baseline first."""
+    oft_b, boft_b = OFT_BLOCK_SIZE[settings.size], BOFT_BLOCK_SIZE[settings.size]
+    factors = BUTTERFLY_FACTORS[settings.size]
+    peft_skip = None if peft_version() else PEFT_MISSING
+    out: list[tuple[str, dict[str, Any], str | None]] = [(FROZEN, {"kind": "frozen"}, None)]
+    out.append((f"OFTConv2d b={oft_b}", {"kind": "oft", "block_size": oft_b}, None))
+    out += [
+        (f"BOFTConv2d b={boft_b} m={m}", {"kind": "boft", "block_size": boft_b, "factors": m}, None)
+        for m in factors
+    ]
+    out.append((f"PEFT OFT b={oft_b}", {"kind": "peft_oft", "block_size": oft_b}, peft_skip))
+    out += [
+        (
+            f"PEFT BOFT b={boft_b} m={m}",
+            {"kind": "peft_boft", "block_size": boft_b, "factors": m},
+            peft_boft_skip(m),
+        )
+        for m in factors
+    ]
+    return out
+
+
+def cases(settings: Settings) -> list[Case]:
+    dtype = settings.dtype or "float32"
+    batch = _batch(settings)
+    out = []
+    for c_in, c_out, k, size in SHAPES[settings.size]:
+        shape = shape_label(c_in, c_out, k, size, batch)
+        for competitor, spec, skip in _competitors(settings):
+            spec = {**spec, "in": c_in, "out": c_out, "kernel": k, "size": size, "batch": batch}
+            out.append(Case("conv", shape, competitor, FROZEN, dtype, spec, skip))
+    return out
+
+
+def build(spec: dict[str, Any], device: torch.device, dtype: torch.dtype, rotate: bool) -> Step:
+    k = spec["kernel"]
+    base = nn.Conv2d(spec["in"], spec["out"], k, padding=k // 2, device=device, dtype=dtype)
+    x_shape = (spec["batch"], spec["in"], spec["size"], spec["size"])
+    return module_step(adapted_layer(base, spec), x_shape, device, dtype)
+
+
+SUITE = Suite(
+    name="conv",
+    title="conv: training step of one Conv2d layer (forward, y.backward(dy), zero grads)",
+    ratio_header="÷ frozen nn.Conv2d",
+    cases=cases,
+    build=build,
+)
