@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, ops, reference
-from .adapter_io import load_adapter, save_adapter
-from .config import BOFTConfig, OFTConfig
-from .layers import BOFTConv2d, BOFTLinear, OFTConv2d, OFTLinear
-from .tuner import (
+from ._build import build_info, check_torch_compatibility
+
+# Before _C: an _C built for another torch fails to load with an undefined symbol.
+check_torch_compatibility()
+
+from . import _C, ops, reference  # noqa: E402
+from .adapter_io import load_adapter, save_adapter  # noqa: E402
+from .config import BOFTConfig, OFTConfig  # noqa: E402
+from .layers import BOFTConv2d, BOFTLinear, OFTConv2d, OFTLinear  # noqa: E402
+from .tuner import (  # noqa: E402
     active_adapters,
     delete_adapter,
     disable_adapters,
@@ -31,6 +36,7 @@ __all__ = [
     "OFTLinear",
     "__version__",
     "active_adapters",
+    "build_info",
     "cuda_kernels_available",
     "delete_adapter",
     "disable_adapters",
