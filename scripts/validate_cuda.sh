@@ -40,13 +40,13 @@ fi
 
 if [[ $steps == *bench* ]]; then
   start=$SECONDS
-  "$python" benchmarks/run.py --device cuda --out "$out" ${BENCH_ARGS:-} >"$out/bench.log" 2>&1 || status=1
+  timeout ${BENCH_TIMEOUT:-1800} "$python" benchmarks/run.py --device cuda --out "$out" ${BENCH_ARGS:-} >"$out/bench.log" 2>&1 || status=1
   tail -n 80 "$out/bench.log"
   echo "benchmarks: $((SECONDS - start)) s"
 fi
 if [[ $steps == *memcheck* ]]; then
   start=$SECONDS
-  compute-sanitizer --tool memcheck --error-exitcode 3 "$python" -m pytest -q -p no:cacheprovider -x \
+  timeout ${MEMCHECK_TIMEOUT:-900} compute-sanitizer --tool memcheck --error-exitcode 3 "$python" -m pytest -q -p no:cacheprovider -x \
     -k "cuda and not gradcheck and not opcheck" tests/test_block_diag.py tests/test_cayley.py \
     tests/test_butterfly.py >"$out/memcheck.log" 2>&1 || status=1
   tail -n 8 "$out/memcheck.log"
