@@ -26,12 +26,12 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
 from .config import ALL_LINEAR, BOFTConfig, OFTConfig, OrthoftConfig
 from .layers import BOFTConv2d, BOFTLinear, OFTConv2d, OFTLinear, OrthoftLayer
+from .modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
     "ModulesToSaveWrapper",
@@ -65,46 +65,6 @@ class _AdapterState:
     active: list[str]
     # ``requires_grad`` of every parameter before the first adapter, by parameter name.
     base_requires_grad: dict[str, bool]
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained in full: one trainable copy per adapter, the original kept frozen.
-
-    The forward pass runs the active adapter's copy, or the original when adapters are disabled
-    or no active adapter has a copy. Attributes not found on the wrapper are read from that module.
-    """
-
-    def __init__(self, original_module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original_module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.adapters_enabled = True
-
-    def add_copy(self, adapter_name: str) -> None:
-        trainable = copy.deepcopy(self.original_module)
-        trainable.requires_grad_(True)
-        self.modules_to_save[adapter_name] = trainable
-
-    @property
-    def current_module(self) -> nn.Module:
-        if self.adapters_enabled and self.active_adapter is not None:
-            return self.modules_to_save[self.active_adapter]
-        return self.original_module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current_module(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # Only once fully built (copy/pickle create instances without ``__init__``).
-            if name in ("original_module", "modules_to_save") or "original_module" not in self.__dict__.get(
-                "_modules", {}
-            ):
-                raise
-            return getattr(self.current_module, name)
 
 
 # ---------------------------------------------------------------------------------------------
