@@ -8,6 +8,7 @@ from torch import nn
 
 from orthoft import reference
 from orthoft.layers import BOFTLinear
+from orthoft.layers.rotation import rotate_rows_transposed
 
 
 def reference_rotation(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -243,3 +244,11 @@ def test_training_changes_only_adapter_parameters_and_reduces_loss() -> None:
         if name in frozen:
             assert torch.equal(parameter, frozen[name])
     assert not torch.equal(layer.boft_s["default"], torch.ones(8, 1))
+
+
+@pytest.mark.parametrize(("b", "m", "n"), [(4, 1, 16), (4, 3, 32), (2, 5, 64), (8, 2, 48)])
+def test_rotate_rows_transposed_matches_dense(b: int, m: int, n: int) -> None:
+    rotations = torch.randn(m, n // b, b, b, dtype=torch.float64)
+    matrix = torch.randn(7, n, dtype=torch.float64)
+    want = matrix @ reference.butterfly_matrix(rotations, b).T
+    torch.testing.assert_close(rotate_rows_transposed(matrix, rotations, b), want)

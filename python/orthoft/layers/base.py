@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .options import BOFTOptions, OFTOptions, layer_label
-from .rotation import dense_rotation
+from .rotation import dense_rotation, rotate_rows_transposed
 
 _Layer = TypeVar("_Layer", bound="OrthoftLayer")
 
@@ -223,7 +223,7 @@ class OrthoftLayer(nn.Module):
     def _apply_adapter(self, matrix: torch.Tensor, adapter_name: str, training: bool) -> torch.Tensor:
         """``(matrix @ R^T) * s`` for an ``(out, F)`` weight matrix."""
         rotations, block_size = self._rotation_factors(adapter_name, training)
-        rotated = matrix @ dense_rotation(rotations.to(matrix.dtype), block_size).mT
+        rotated = rotate_rows_transposed(matrix, rotations.to(matrix.dtype), block_size)
         scale = self._output_scale(adapter_name)
         return rotated if scale is None else rotated * scale.to(matrix.dtype)[:, None]
 

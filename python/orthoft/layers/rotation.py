@@ -62,3 +62,20 @@ def dense_rotation(rotations: torch.Tensor, block_size: int) -> torch.Tensor:
     n = rotations.shape[1] * block_size
     eye = torch.eye(n, dtype=rotations.dtype, device=rotations.device)
     return ops.butterfly(eye, rotations, block_size)
+
+
+def rotate_rows_transposed(matrix: torch.Tensor, rotations: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``matrix @ R^T`` for butterfly ``rotations`` ``(m, N/b, b, b)``, without forming ``R``.
+
+    ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor ``i`` with transposed blocks: each
+    factor goes through the butterfly operator alone, the other factors set to the identity.
+    """
+    m = rotations.shape[0]
+    transposed = rotations.mT
+    if m == 1:
+        return ops.butterfly(matrix, transposed, block_size)
+    eye = torch.eye(block_size, dtype=rotations.dtype, device=rotations.device).expand_as(rotations[0])
+    for i in range(m):
+        factors = torch.stack([transposed[j] if j == i else eye for j in range(m)])
+        matrix = ops.butterfly(matrix, factors, block_size)
+    return matrix
