@@ -1,5 +1,6 @@
-// CPU kernels of cayley: exact (R = 2 inv(I+S) - I) and PEFT's Neumann series, forward and backward.
-// One matrix per task, in the accumulation type (float for half types).
+// CPU kernels of cayley: exact (R = 2 inv(I+S) - I, one matrix per task by elimination) and PEFT's
+// Neumann series, forward and backward; the products run as batched BLAS calls. All in the
+// accumulation type (float for half types).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -34,99 +35,76 @@ void store(const acc_t* src, int64_t size, scalar_t* dst) {
 
 }  // namespace
 
+// PEFT's series by Horner's rule, P_j = c_j I and P_t = S P_{t+1} + c_t I, as batched matrix
+// products in the accumulation type; returns P_0 .. P_j (P_0 = R).
+std::vector<at::Tensor> neumann_horner(const at::Tensor& skew, int64_t num_neumann_terms) {
+  const std::vector<double> coeffs = neumann_coefficients(num_neumann_terms);
+  const at::Tensor eye = at::eye(skew.size(-1), skew.options()).expand_as(skew);
+  std::vector<at::Tensor> p(coeffs.size());
+  p.back() = eye * coeffs.back();
+  for (int64_t t = static_cast<int64_t>(coeffs.size()) - 2; t >= 0; --t) {
+    p[t] = at::baddbmm(eye, skew, p[t + 1], coeffs[t], 1.0);
+  }
+  return p;
+}
+
+at::Tensor as_batch(const at::Tensor& t) {
+  const int64_t n = t.size(-1);
+  return t.reshape({-1, n, n}).to(at::toOpMathType(t.scalar_type()));
+}
+
 at::Tensor cayley_cpu(const at::Tensor& skew, int64_t num_neumann_terms) {
   check_cayley(skew, num_neumann_terms);
+  if (num_neumann_terms > 0) {
+    return neumann_horner(as_batch(skew), num_neumann_terms)[0].to(skew.scalar_type()).reshape(skew.sizes());
+  }
   const at::Tensor s = skew.contiguous();
   at::Tensor out = at::empty_like(s);
   const int64_t n = s.size(-1);
   const int64_t nn = n * n;
   const int64_t count = s.numel() / nn;
-  const std::vector<double> coeffs = neumann_coefficients(num_neumann_terms);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "orthoft_cayley_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = s.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for_each_matrix<scalar_t>(count, n, 4, [&](int64_t i, acc_t* scratch) {
+    for_each_matrix<scalar_t>(count, n, 3, [&](int64_t i, acc_t* scratch) {
       acc_t* sk = scratch;
-      acc_t* a = scratch + nn;
-      acc_t* b = scratch + 2 * nn;
+      acc_t* inverse = scratch + nn;
+      acc_t* work = scratch + 2 * nn;
       load(src + i * nn, nn, sk);
-      if (num_neumann_terms == 0) {
-        inverse_of_identity_plus(n, sk, b, a);
-        for (int64_t j = 0; j < nn; ++j) a[j] *= acc_t(2);
-        for (int64_t j = 0; j < n; ++j) a[j * n + j] -= acc_t(1);
-      } else {
-        // Horner: P = c_j I, then P = S P + c_t I for t = j-1 .. 0.
-        for (int64_t j = 0; j < nn; ++j) a[j] = acc_t(0);
-        for (int64_t j = 0; j < n; ++j) a[j * n + j] = acc_t(coeffs.back());
-        for (int64_t t = static_cast<int64_t>(coeffs.size()) - 2; t >= 0; --t) {
-          small_matmul(n, sk, false, a, false, acc_t(1), b);
-          for (int64_t j = 0; j < n; ++j) b[j * n + j] += acc_t(coeffs[t]);
-          std::swap(a, b);
-        }
-      }
-      store(a, nn, dst + i * nn);
+      inverse_of_identity_plus(n, sk, work, inverse);
+      // R = 2 inv(I+S) - I
+      for (int64_t j = 0; j < nn; ++j) inverse[j] *= acc_t(2);
+      for (int64_t j = 0; j < n; ++j) inverse[j * n + j] -= acc_t(1);
+      store(inverse, nn, dst + i * nn);
     });
   });
   return out;
 }
 
+// Batched matrix products in the accumulation type.
 at::Tensor cayley_backward_cpu(const at::Tensor& grad, const at::Tensor& skew, const at::Tensor& rotation,
                                int64_t num_neumann_terms) {
   check_cayley_backward(grad, skew, rotation, num_neumann_terms);
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor s = skew.contiguous();
-  const at::Tensor r = rotation.contiguous();
-  at::Tensor out = at::empty_like(s);
-  const int64_t n = s.size(-1);
-  const int64_t nn = n * n;
-  const int64_t count = s.numel() / nn;
-  const std::vector<double> coeffs = neumann_coefficients(num_neumann_terms);
-  const int64_t degree = static_cast<int64_t>(coeffs.size()) - 1;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "orthoft_cayley_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
-    const scalar_t* s_ptr = s.const_data_ptr<scalar_t>();
-    const scalar_t* r_ptr = r.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for_each_matrix<scalar_t>(count, n, degree + 6, [&](int64_t i, acc_t* scratch) {
-      acc_t* gm = scratch;
-      acc_t* tmp = scratch + nn;
-      acc_t* ds = scratch + 2 * nn;
-      acc_t* a = scratch + 3 * nn;
-      load(g_ptr + i * nn, nn, gm);
-      if (num_neumann_terms == 0) {
-        // dS = -2 inv(I+S)^T G inv(I+S)^T with inv(I+S) = (R + I) / 2.
-        load(r_ptr + i * nn, nn, a);
-        for (int64_t j = 0; j < n; ++j) a[j * n + j] += acc_t(1);
-        small_matmul(n, gm, false, a, true, acc_t(1), tmp);
-        small_matmul(n, a, true, tmp, false, acc_t(-0.5), ds);
-      } else {
-        // Back through Horner's P_t = S P_{t+1} + c_t I: dS += dP_t P_{t+1}^T, dP_{t+1} = S^T dP_t.
-        acc_t* sk = scratch + 4 * nn;
-        acc_t* powers = scratch + 5 * nn;  // P_1 .. P_degree
-        load(s_ptr + i * nn, nn, sk);
-        acc_t* last = powers + (degree - 1) * nn;
-        for (int64_t j = 0; j < nn && degree > 0; ++j) last[j] = acc_t(0);
-        for (int64_t j = 0; j < n && degree > 0; ++j) last[j * n + j] = acc_t(coeffs.back());
-        for (int64_t t = degree - 2; t >= 0; --t) {
-          small_matmul(n, sk, false, powers + (t + 1) * nn, false, acc_t(1), powers + t * nn);
-          for (int64_t j = 0; j < n; ++j) powers[t * nn + j * n + j] += acc_t(coeffs[t + 1]);
-        }
-        for (int64_t j = 0; j < nn; ++j) ds[j] = acc_t(0);
-        for (int64_t t = 0; t < degree; ++t) {
-          small_matmul(n, gm, false, powers + t * nn, true, acc_t(1), tmp);
-          for (int64_t j = 0; j < nn; ++j) ds[j] += tmp[j];
-          small_matmul(n, sk, true, gm, false, acc_t(1), tmp);
-          std::swap(gm, tmp);
-        }
-      }
-      store(ds, nn, dst + i * nn);
-    });
-  });
-  return out;
+  at::Tensor g = as_batch(grad);
+  at::Tensor ds;
+  if (num_neumann_terms == 0) {
+    // dS = -2 inv(I+S)^T G inv(I+S)^T with inv(I+S) = (R + I) / 2.
+    const at::Tensor r = as_batch(rotation);
+    const at::Tensor a = (r + at::eye(r.size(-1), r.options())).transpose(-1, -2);
+    ds = at::bmm(a, at::bmm(g, a)).mul_(-0.5);
+  } else {
+    // Back through Horner's P_t = S P_{t+1} + c_t I: dS += dP_t P_{t+1}^T, dP_{t+1} = S^T dP_t.
+    const at::Tensor s = as_batch(skew);
+    const std::vector<at::Tensor> p = neumann_horner(s, num_neumann_terms);
+    ds = at::zeros_like(s);
+    for (size_t t = 0; t + 1 < p.size(); ++t) {
+      ds.baddbmm_(g, p[t + 1].transpose(-1, -2));
+      g = at::bmm(s.transpose(-1, -2), g);
+    }
+  }
+  return ds.to(skew.scalar_type()).reshape(skew.sizes());
 }
 
 TORCH_LIBRARY_IMPL(orthoft, CPU, m) {

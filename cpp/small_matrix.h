@@ -1,28 +1,11 @@
-// Dense helpers for one small row-major n x n matrix, used by the CPU Cayley kernels.
+// Helpers of the CPU Cayley kernels: elimination on one small row-major n x n matrix, and PEFT's
+// Neumann coefficients.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 namespace orthoft {
-
-// out = alpha * op(a) @ op(b), op transposing when asked. out must not alias a or b.
-template <typename T>
-void small_matmul(int64_t n, const T* a, bool transpose_a, const T* b, bool transpose_b, T alpha, T* out) {
-  for (int64_t i = 0; i < n * n; ++i) out[i] = T(0);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t k = 0; k < n; ++k) {
-      const T a_ik = alpha * (transpose_a ? a[k * n + i] : a[i * n + k]);
-      T* out_row = out + i * n;
-      if (transpose_b) {
-        for (int64_t j = 0; j < n; ++j) out_row[j] += a_ik * b[j * n + k];
-      } else {
-        const T* b_row = b + k * n;
-        for (int64_t j = 0; j < n; ++j) out_row[j] += a_ik * b_row[j];
-      }
-    }
-  }
-}
 
 // inverse = inv(I + skew) by Gauss-Jordan elimination without pivoting: the symmetric part of I + S is
 // I, so every pivot is at least 1 in the Schur complements. work is n x n scratch.
