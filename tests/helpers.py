@@ -26,3 +26,25 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -
     assert torch.isfinite(out).all()
     err = (out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)
     assert err <= REL_TOL[dtype], f"relative error {err:.3e} over {REL_TOL[dtype]:.1e} for {dtype}"
+
+
+def train_adapters(layer: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int) -> list[float]:
+    """Adam steps on ``layer``'s trainable parameters towards ``target``; returns the losses.
+
+    Checks that the frozen parameters are exactly the base layer's weight and bias and that the
+    steps leave them untouched.
+    """
+    frozen = {name: p.detach().clone() for name, p in layer.named_parameters() if not p.requires_grad}
+    assert set(frozen) == {"base_layer.weight", "base_layer.bias"}
+    optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = (layer(x) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    for name, parameter in layer.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name])
+    return losses
