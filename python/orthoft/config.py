@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .layers.options import AdapterOptions, BOFTOptions, Check, Invalid, OFTOptions, Owner, boolean, integer
+
 __all__ = ["ALL_LINEAR", "BOFTConfig", "OFTConfig", "OrthoftConfig"]
 
 # ``target_modules`` shorthand (as PEFT): every Linear / Conv1D layer except the model's output layer.
@@ -24,19 +26,10 @@ _PEFT_ONLY_FIELDS = frozenset(
 )
 
 
-def _check_bool(owner: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: `{name}` must be True or False, got {value!r}.")
-
-
-def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: `{name}` must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_probability(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{owner}: `{name}` must be a probability in [0, 1], got {value!r}.")
+def _check(owner: str, name: str, value: object, check: Check) -> None:
+    result = check(value)
+    if isinstance(result, Invalid):
+        raise Owner(owner, is_config=True).error(name, value, result.requirement)
 
 
 def _normalize_names(owner: str, name: str, value: object) -> list[str] | str | None:
@@ -65,6 +58,7 @@ class OrthoftConfig:
     """Fields shared by ``OFTConfig`` and ``BOFTConfig`` (PEFT's names and defaults)."""
 
     peft_type: ClassVar[str]
+    options_class: ClassVar[type[AdapterOptions]]
     # The ``bias`` value that trains only the biases of adapted layers ("oft_only" / "boft_only").
     adapted_bias_only: ClassVar[str]
 
@@ -90,17 +84,18 @@ class OrthoftConfig:
             if isinstance(names, str):
                 raise ValueError(f"{owner}: `modules_to_save` must be a list of module names, got {names!r}.")
             self.modules_to_save = names
-        _check_bool(owner, "fan_in_fan_out", self.fan_in_fan_out)
-        _check_bool(owner, "init_weights", self.init_weights)
+        _check(owner, "fan_in_fan_out", self.fan_in_fan_out, boolean)
+        options = self.options_class.checked(Owner(owner, is_config=True), self.layer_options())
+        options.check_without_layer(Owner(owner, is_config=True))
 
     def _check_layers(self, owner: str) -> None:
         layers = self.layers_to_transform
         if isinstance(layers, (list, tuple)):
             for index in layers:
-                _check_int(owner, "layers_to_transform", index, 0)
+                _check(owner, "layers_to_transform", index, integer(0))
             self.layers_to_transform = list(layers)
         elif layers is not None:
-            _check_int(owner, "layers_to_transform", layers, 0)
+            _check(owner, "layers_to_transform", layers, integer(0))
         pattern = _normalize_names(owner, "layers_pattern", self.layers_pattern)
         self.layers_pattern = pattern
         if pattern and self.layers_to_transform is None:
@@ -117,7 +112,7 @@ class OrthoftConfig:
 
     def layer_options(self) -> dict[str, Any]:
         """Keyword options of the orthoft layers (PEFT's field names without the prefix)."""
-        raise NotImplementedError
+        return {field.name: getattr(self, peft_field) for field, peft_field in self.options_class.declared()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary, with ``peft_type`` saying which method it configures."""
@@ -162,113 +157,51 @@ class OrthoftConfig:
         return cls.from_dict(data)
 
 
-@dataclass
-class OFTConfig(OrthoftConfig):
+def _method_config(name: str, options_class: type[AdapterOptions], adapted_bias_only: str, doc: str) -> Any:
+    """The config class of one method: the shared fields, then one field per option of ``options_class``
+    under its PEFT name and with its default."""
+    shared = {field.name for field in dataclasses.fields(OrthoftConfig)}
+    fields = [
+        (peft_field, field.type, dataclasses.field(default=field.default))
+        for field, peft_field in options_class.declared()
+        if peft_field not in shared
+    ]
+    namespace = {
+        "__doc__": doc,
+        "__module__": __name__,
+        "peft_type": options_class.peft_type,
+        "options_class": options_class,
+        "adapted_bias_only": adapted_bias_only,
+    }
+    return dataclasses.make_dataclass(name, fields, bases=(OrthoftConfig,), namespace=namespace)
+
+
+OFTConfig = _method_config(
+    "OFTConfig",
+    OFTOptions,
+    "oft_only",
     """Orthogonal finetuning with block-diagonal Cayley rotations (PEFT's ``OFTConfig``).
 
     Exactly one of ``r`` (blocks per layer) and ``oft_block_size`` is non-zero; the other is
     derived per layer from its input size. ``module_dropout`` replaces random blocks by the
     identity in training. ``coft`` / ``eps`` constrain each rotation to an ``eps``-ball around
     the identity. ``block_share`` uses one block for all ``r``. ``use_cayley_neumann`` with
-    ``num_cayley_neumann_terms`` terms approximates the Cayley transform by a series.
-    """
+    ``num_cayley_neumann_terms`` terms approximates the Cayley transform by a series. The fields
+    and defaults come from ``orthoft.layers.options.OFTOptions``.
+    """,
+)
 
-    peft_type: ClassVar[str] = "OFT"
-    adapted_bias_only: ClassVar[str] = "oft_only"
-
-    r: int = 0
-    oft_block_size: int = 32
-    module_dropout: float = 0.0
-    coft: bool = False
-    eps: float = 6e-5
-    block_share: bool = False
-    use_cayley_neumann: bool = True
-    num_cayley_neumann_terms: int = 5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        owner = type(self).__name__
-        _check_int(owner, "r", self.r, 0)
-        _check_int(owner, "oft_block_size", self.oft_block_size, 0)
-        if (self.r != 0) == (self.oft_block_size != 0):
-            raise ValueError(
-                f"{owner}: set exactly one of `r` ({self.r}) and `oft_block_size` ({self.oft_block_size}) "
-                "to a non-zero value (r * oft_block_size == in_features, the other one is derived); "
-                "e.g. r=0, oft_block_size=32."
-            )
-        if self.oft_block_size == 1:
-            raise ValueError(f"{owner}: `oft_block_size` must be >= 2 (a 1 x 1 rotation is fixed), got 1.")
-        _check_probability(owner, "module_dropout", self.module_dropout)
-        _check_bool(owner, "coft", self.coft)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ValueError(f"{owner}: `eps` must be a positive number, got {self.eps!r}.")
-        _check_bool(owner, "block_share", self.block_share)
-        _check_bool(owner, "use_cayley_neumann", self.use_cayley_neumann)
-        _check_int(owner, "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1)
-
-    def layer_options(self) -> dict[str, Any]:
-        return {
-            "r": self.r,
-            "block_size": self.oft_block_size,
-            "dropout": float(self.module_dropout),
-            "coft": self.coft,
-            "eps": float(self.eps),
-            "block_share": self.block_share,
-            "use_cayley_neumann": self.use_cayley_neumann,
-            "num_cayley_neumann_terms": self.num_cayley_neumann_terms,
-            "init_weights": self.init_weights,
-        }
-
-
-@dataclass
-class BOFTConfig(OrthoftConfig):
+BOFTConfig = _method_config(
+    "BOFTConfig",
+    BOFTOptions,
+    "boft_only",
     """Butterfly orthogonal finetuning (PEFT's ``BOFTConfig``).
 
     Exactly one of ``boft_block_size`` and ``boft_block_num`` is non-zero; the other is derived
     per layer. ``boft_n_butterfly_factor`` is the number of butterfly factors ``m`` (1 is OFT with
     full blocks). ``boft_dropout`` replaces random blocks of one random factor by the identity in
-    training.
-    """
-
-    peft_type: ClassVar[str] = "BOFT"
-    adapted_bias_only: ClassVar[str] = "boft_only"
-
-    boft_block_size: int = 4
-    boft_block_num: int = 0
-    boft_n_butterfly_factor: int = 1
-    boft_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        owner = type(self).__name__
-        _check_int(owner, "boft_block_size", self.boft_block_size, 0)
-        _check_int(owner, "boft_block_num", self.boft_block_num, 0)
-        if (self.boft_block_size != 0) == (self.boft_block_num != 0):
-            raise ValueError(
-                f"{owner}: set exactly one of `boft_block_size` ({self.boft_block_size}) and "
-                f"`boft_block_num` ({self.boft_block_num}) to a non-zero value (boft_block_size * "
-                "boft_block_num == in_features, the other one is derived); e.g. boft_block_size=4, "
-                "boft_block_num=0."
-            )
-        if self.boft_block_size == 1:
-            raise ValueError(f"{owner}: `boft_block_size` must be >= 2 (a 1 x 1 rotation is fixed), got 1.")
-        _check_int(owner, "boft_n_butterfly_factor", self.boft_n_butterfly_factor, 1)
-        if self.boft_n_butterfly_factor > 1 and self.boft_block_size % 2 == 1:
-            raise ValueError(
-                f"{owner}: `boft_block_size` must be even with boft_n_butterfly_factor > 1, got "
-                f"{self.boft_block_size}; nearest valid: {self.boft_block_size - 1} or "
-                f"{self.boft_block_size + 1}."
-            )
-        _check_probability(owner, "boft_dropout", self.boft_dropout)
-
-    def layer_options(self) -> dict[str, Any]:
-        return {
-            "block_size": self.boft_block_size,
-            "block_num": self.boft_block_num,
-            "n_butterfly_factor": self.boft_n_butterfly_factor,
-            "dropout": float(self.boft_dropout),
-            "init_weights": self.init_weights,
-        }
-
+    training. The fields and defaults come from ``orthoft.layers.options.BOFTOptions``.
+    """,
+)
 
 _CONFIG_CLASSES: dict[str, type[OrthoftConfig]] = {"OFT": OFTConfig, "BOFT": BOFTConfig}

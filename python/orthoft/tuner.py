@@ -22,15 +22,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ALL_LINEAR, BOFTConfig, OFTConfig, OrthoftConfig
-from .layers import BOFTConv2d, BOFTLinear, OFTConv2d, OFTLinear, OrthoftLayer
+from .config import ALL_LINEAR, OrthoftConfig
+from .layers import LAYER_CLASSES, OrthoftLayer
+from .layers.base import active_after_deletion, check_adapter_name
+from .layers.kinds import kind_of, supported_kinds
 from .modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
@@ -51,10 +52,6 @@ __all__ = [
 ]
 
 _STATE_ATTRIBUTE = "_orthoft_state"
-_LAYER_CLASSES: dict[type[OrthoftConfig], tuple[type[OrthoftLayer], type[OrthoftLayer]]] = {
-    OFTConfig: (OFTLinear, OFTConv2d),
-    BOFTConfig: (BOFTLinear, BOFTConv2d),
-}
 
 
 @dataclass
@@ -111,7 +108,7 @@ def named_modules_to_save(model: nn.Module) -> list[tuple[str, ModulesToSaveWrap
 
 def layer_adapter_names(layer: OrthoftLayer) -> list[str]:
     """Names of the adapters an orthoft layer holds, in the order they were added."""
-    return list(getattr(layer, layer.adapter_parameter_names[0]).keys())
+    return layer.adapter_names
 
 
 def adapter_configs(model: nn.Module) -> dict[str, OrthoftConfig]:
@@ -145,14 +142,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
 # Matching
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers is optional: without it imported there is no Conv1D to find.
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
-
-
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    kind = kind_of(module)
+    return kind is not None and kind.family == "linear"
 
 
 def _matches_names(names: Sequence[str] | str, path: str) -> bool:
@@ -214,10 +206,8 @@ def _describe(module: nn.Module) -> str:
 
 
 def _no_match_error(model: nn.Module, config: OrthoftConfig) -> ValueError:
-    paths = [
-        path for path, module, _, _ in _walk(model) if _is_linear(module) or isinstance(module, nn.Conv2d)
-    ]
-    kind = "adaptable (Linear, Conv2d, Conv1D)"
+    paths = [path for path, module, _, _ in _walk(model) if kind_of(module) is not None]
+    kind = f"adaptable ({supported_kinds()})"
     if not paths:
         paths = [path for path, *_ in _walk(model)]
         kind = "existing"
@@ -232,14 +222,17 @@ def _no_match_error(model: nn.Module, config: OrthoftConfig) -> ValueError:
 
 
 def _layer_class(config: OrthoftConfig, path: str, module: nn.Module) -> type[OrthoftLayer]:
-    linear_cls, conv_cls = _LAYER_CLASSES[type(config)]
-    if _is_linear(module):
-        return linear_cls
-    if isinstance(module, nn.Conv2d):
-        return conv_cls
+    kind = kind_of(module)
+    for layer_cls in LAYER_CLASSES:
+        if (
+            kind is not None
+            and layer_cls.family == kind.family
+            and layer_cls.options_class is config.options_class
+        ):
+            return layer_cls
     raise TypeError(
         f"Module '{path}' ({_describe(module)}) matches target_modules={config.target_modules!r} but orthoft "
-        "cannot adapt it: supported are torch.nn.Linear, torch.nn.Conv2d and transformers' Conv1D. "
+        f"cannot adapt it with {config.peft_type}: supported are {supported_kinds()}. "
         "Narrow target_modules or add it to exclude_modules."
     )
 
@@ -249,8 +242,7 @@ def _layer_class(config: OrthoftConfig, path: str, module: nn.Module) -> type[Or
 
 
 def _check_adapter_name(model: nn.Module, adapter_name: object) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}.")
+    check_adapter_name(type(model).__name__, adapter_name)
     state = model.__dict__.get(_STATE_ATTRIBUTE)
     if state is not None and adapter_name in state.configs:
         raise ValueError(
@@ -260,9 +252,9 @@ def _check_adapter_name(model: nn.Module, adapter_name: object) -> None:
 
 
 def _check_existing_layer(config: OrthoftConfig, path: str, layer: OrthoftLayer) -> None:
-    if not isinstance(layer, _LAYER_CLASSES[type(config)]):
+    if layer.options_class is not config.options_class:
         raise ValueError(
-            f"Module '{path}' is a {type(layer).__name__} with adapters {layer_adapter_names(layer)}; "
+            f"Module '{path}' is a {type(layer).__name__} with adapters {layer.adapter_names}; "
             f"a {config.peft_type} adapter cannot be added to it. Exclude it with exclude_modules."
         )
 
@@ -274,7 +266,7 @@ def _warn_on_layout_mismatch(config: OrthoftConfig, targets: list[tuple[str, nn.
         for path, module in targets
         if not isinstance(module, OrthoftLayer)
         and _is_linear(module)
-        and _is_conv1d(module) != config.fan_in_fan_out
+        and kind_of(module).fan_in_fan_out != config.fan_in_fan_out  # type: ignore[union-attr]
     ]
     if disagreeing:
         warnings.warn(
@@ -329,7 +321,7 @@ def get_orthoft_model(model: nn.Module, config: OrthoftConfig, adapter_name: str
     ``config.bias`` names and the ``modules_to_save`` copies is frozen. On any error the model is
     left as it was.
     """
-    if type(config) not in _LAYER_CLASSES:
+    if not isinstance(config, OrthoftConfig) or type(config) is OrthoftConfig:
         raise TypeError(f"config must be an orthoft OFTConfig or BOFTConfig, got {_describe(config)}.")
     _check_adapter_name(model, adapter_name)
     if config.target_modules is None:
@@ -366,9 +358,8 @@ def get_orthoft_model(model: nn.Module, config: OrthoftConfig, adapter_name: str
                     extended.append(module)
             elif id(module) not in replacements:
                 layer_cls = _layer_class(config, path, module)
-                layout = {"fan_in_fan_out": _is_conv1d(module)} if _is_linear(module) else {}
                 replacements[id(module)] = layer_cls.from_module(
-                    module, adapter_name=adapter_name, layer_name=path, **layout, **options
+                    module, adapter_name=adapter_name, layer_name=path, **options
                 )
     except BaseException:
         for layer in extended:
@@ -397,18 +388,17 @@ def get_orthoft_model(model: nn.Module, config: OrthoftConfig, adapter_name: str
 
 
 def _activate_layer(layer: OrthoftLayer, names: Sequence[str]) -> None:
-    layer.set_adapter([name for name in names if name in layer_adapter_names(layer)])
+    layer.set_adapter([name for name in names if name in layer.adapter_names])
 
 
 def _mark_trainable(model: nn.Module, state: _AdapterState) -> None:
+    """Freezes the base model, then lets each layer make its active adapters trainable."""
     model.requires_grad_(False)
     active_configs = [state.configs[name] for name in state.active]
     train_all_biases = any(config.bias == "all" for config in active_configs)
     for _, layer in named_orthoft_layers(model):
-        held = [name for name in state.active if name in layer_adapter_names(layer)]
-        for attribute in layer.adapter_parameter_names:
-            for name in held:
-                getattr(layer, attribute)[name].requires_grad_(True)
+        _activate_layer(layer, state.active)
+        held = [name for name in state.active if name in layer.adapter_names]
         bias = getattr(layer.base_layer, "bias", None)
         trains_bias = any(state.configs[name].bias == state.configs[name].adapted_bias_only for name in held)
         if isinstance(bias, nn.Parameter) and (trains_bias or train_all_biases):
@@ -432,8 +422,6 @@ def _apply_active(model: nn.Module, state: _AdapterState) -> None:
                 f"Adapters {holders} each have their own copy of '{path}' (modules_to_save); only one "
                 "of them can be active."
             )
-    for _, layer in named_orthoft_layers(model):
-        _activate_layer(layer, state.active)
     for _, wrapper in named_modules_to_save(model):
         wrapper.active_adapter = next(
             (name for name in state.active if name in wrapper.modules_to_save), None
@@ -480,8 +468,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove ``adapter_name`` from ``model``.
 
     Layers left without adapters become their base modules again. If it was active, the other
-    active adapters stay active, or else the first remaining adapter becomes active. Deleting the
-    last adapter gives back the plain model (as ``unload``).
+    active adapters stay active, or else the first added of the remaining adapters becomes active
+    (with a warning), as in each layer. Deleting the last adapter gives back the plain model (as
+    ``unload``).
     """
     state = _state(model)
     _check_names(state, [adapter_name])
@@ -489,12 +478,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         unload(model)
         return
     remaining = [name for name in state.configs if name != adapter_name]
-    state.active = [name for name in state.active if name != adapter_name] or remaining[:1]
+    state.active = active_after_deletion(type(model).__name__, state.active, adapter_name, remaining)
     for _, module, parent, attribute in list(_walk(model)):
-        if isinstance(module, OrthoftLayer) and adapter_name in layer_adapter_names(module):
+        if isinstance(module, OrthoftLayer) and adapter_name in module.adapter_names:
             if adapter_name in module.merged_adapters:
                 module.unmerge()
-            if layer_adapter_names(module) == [adapter_name]:
+            if module.adapter_names == [adapter_name]:
                 setattr(parent, attribute, module.base_layer)
             else:
                 _activate_layer(module, state.active)
@@ -559,7 +548,7 @@ def merge_and_unload(
     for _, module, parent, attribute in list(_walk(model)):
         if isinstance(module, OrthoftLayer):
             if id(module) not in merged:
-                present = [name for name in names if name in layer_adapter_names(module)]
+                present = [name for name in names if name in module.adapter_names]
                 if present:
                     module.merge(safe_merge=safe_merge, adapter_names=present)
                 merged.add(id(module))

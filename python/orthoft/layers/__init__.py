@@ -6,4 +6,7 @@ from .base import OrthoftLayer
 from .boft import BOFTConv2d, BOFTLinear
 from .oft import OFTConv2d, OFTLinear
 
-__all__ = ["BOFTConv2d", "BOFTLinear", "OFTConv2d", "OFTLinear", "OrthoftLayer"]
+# The layer classes the tuner picks from, by method (options class) and base-layer family.
+LAYER_CLASSES: tuple[type[OrthoftLayer], ...] = (OFTLinear, OFTConv2d, BOFTLinear, BOFTConv2d)
+
+__all__ = ["LAYER_CLASSES", "BOFTConv2d", "BOFTLinear", "OFTConv2d", "OFTLinear", "OrthoftLayer"]

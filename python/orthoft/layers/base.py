@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .options import BOFTOptions, OFTOptions, layer_label
+from .kinds import BaseLayerKind
+from .options import AdapterOptions, Owner, layer_label
 from .rotation import dense_rotation, rotate_rows_transposed
 
 _Layer = TypeVar("_Layer", bound="OrthoftLayer")
@@ -26,6 +27,27 @@ _Layer = TypeVar("_Layer", bound="OrthoftLayer")
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Rotations and merged weights are computed in at least float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def check_adapter_name(owner: str, adapter_name: object) -> None:
+    """Adapter names key module attributes and state-dict entries: non-empty, without '.'."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(
+            f"{owner}: adapter_name must be a non-empty string without '.', got {adapter_name!r}"
+        )
+
+
+def active_after_deletion(owner: str, active: list[str], deleted: str, remaining: list[str]) -> list[str]:
+    """The active adapters once ``deleted`` is gone: the other active ones, or else the first added of
+    ``remaining`` (in the order they were added), with a warning."""
+    kept = [name for name in active if name != deleted]
+    if kept or not remaining or deleted not in active:
+        return kept
+    warnings.warn(
+        f"{owner}: the deleted adapter {deleted!r} was the active one; {remaining[0]!r} is active now",
+        stacklevel=3,
+    )
+    return remaining[:1]
 
 
 class OrthoftLayer(nn.Module):
@@ -43,13 +65,17 @@ class OrthoftLayer(nn.Module):
 
     # Attributes holding adapter tensors, keyed by adapter name.
     adapter_parameter_names: tuple[str, ...] = ()
+    # The method's options declaration and the family of base layers (see ``kinds``) the class adapts.
+    options_class: type[AdapterOptions]
+    family: str
 
     base_layer: nn.Module
+    base_kind: BaseLayerKind
     in_features: int
     out_features: int
     # F: the size of the rotation (in_features for Linear, (in/groups)*kh*kw for Conv2d).
     filter_size: int
-    adapter_options: dict[str, OFTOptions | BOFTOptions]
+    adapter_options: dict[str, AdapterOptions]
 
     def __init__(
         self,
@@ -69,7 +95,7 @@ class OrthoftLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._adapters_disabled = False
-        self._unmerged_weight: torch.Tensor | None = None
+        self._unmerged_weight: Any = None
         self.add_adapter(adapter_name, **options)
         self.set_adapter(adapter_name)
 
@@ -103,8 +129,8 @@ class OrthoftLayer(nn.Module):
     def _init_adapter_containers(self) -> None:
         raise NotImplementedError
 
-    def add_adapter(self, adapter_name: str, **options: Any) -> None:
-        """Adds a named adapter with its own options; ``active_adapters`` is unchanged."""
+    def _create_adapter_tensors(self, adapter_name: str, options: Any) -> None:
+        """Creates the tensors of a new adapter with resolved ``options``, on the base weight's device."""
         raise NotImplementedError
 
     def _rotation_factors(self, adapter_name: str, training: bool) -> tuple[torch.Tensor, int]:
@@ -128,7 +154,7 @@ class OrthoftLayer(nn.Module):
         raise NotImplementedError
 
     def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight as an ``(out, F)`` matrix."""
+        """The base weight (as ``base_kind.weight`` gives it) as an ``(out, F)`` matrix."""
         raise NotImplementedError
 
     def _weight_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
@@ -157,13 +183,21 @@ class OrthoftLayer(nn.Module):
     def disable_adapters(self) -> bool:
         return self._adapters_disabled
 
-    def _check_new_adapter_name(self, adapter_name: str) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(
-                f"{self.label}: adapter names are non-empty strings without '.', got {adapter_name!r}"
-            )
-        if adapter_name in self.adapter_options:
-            raise ValueError(f"{self.label}: adapter {adapter_name!r} already exists; delete it first")
+    def get_base_layer(self) -> nn.Module:
+        """The innermost base layer (as PEFT's tuner layers give it)."""
+        base = self.base_layer
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, so that code written for the base layer reads it as before."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def _check_known_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.adapter_options:
@@ -174,32 +208,57 @@ class OrthoftLayer(nn.Module):
     def _held(self, adapter_names: list[str]) -> list[str]:
         return [name for name in adapter_names if name in self.adapter_options]
 
-    def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        parameters: list[nn.Parameter] = []
         for attribute in self.adapter_parameter_names:
-            getattr(self, attribute)[adapter_name].requires_grad_(trainable)
+            entry = getattr(self, attribute)[adapter_name]
+            parameters.extend([entry] if isinstance(entry, nn.Parameter) else entry.parameters())
+        return parameters
+
+    def _update_trainable(self) -> None:
+        """The one place that sets which adapter tensors train: the active ones, unless disabled."""
+        for name in self.adapter_names:
+            trainable = name in self.active_adapters and not self._adapters_disabled
+            for parameter in self._adapter_parameters(name):
+                parameter.requires_grad_(trainable)
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight as a dense floating tensor in the base layer's layout (dequantized)."""
+        return self.base_kind.weight(self.base_layer)
 
     def _adapter_dtype(self) -> torch.dtype:
         """Adapter tensors are float32 (float64 for a float64 base layer)."""
-        return compute_dtype(self.base_layer.weight.dtype)
+        return compute_dtype(self._base_weight().dtype)
+
+    def add_adapter(self, adapter_name: str, *, layer_name: str | None = None, **options: Any) -> None:
+        """Adds a named adapter with its own options; ``active_adapters`` is unchanged.
+
+        ``options`` are the method's options (see ``options_class``; PEFT's config fields without the
+        ``oft_``/``boft_`` prefix); ``layer_name`` overrides the module path that errors show.
+        """
+        label = layer_label(type(self).__name__, layer_name or self.layer_name)
+        check_adapter_name(label, adapter_name)
+        if adapter_name in self.adapter_options:
+            raise ValueError(f"{label}: adapter {adapter_name!r} already exists; delete it first")
+        checked = self.options_class.checked(Owner(label), options)
+        resolved = checked.resolve(label, self.filter_size, self._filter_text())
+        self._create_adapter_tensors(adapter_name, resolved)
+        self.adapter_options[adapter_name] = resolved
+        self._update_trainable()
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Makes ``adapter_names`` the active adapters: trainable, and applied in forward in order."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in self.adapter_names:
-            self._set_trainable(name, name in names)
-        self.active_adapters = names
+        self.active_adapters = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._update_trainable()
 
     def enable_adapters(self, enabled: bool) -> None:
         """Turns the adapters on or off; off freezes them and forward runs the (unmerged) base layer."""
-        if enabled:
-            self.set_adapter(self.active_adapters)
-        else:
-            for name in self.adapter_names:
-                self._set_trainable(name, False)
         self._adapters_disabled = not enabled
+        self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Removes an adapter; if it was active, the remaining active ones (or the first left) take over."""
+        """Removes an adapter. If it was active, the other active ones stay active, or else the first
+        added of the remaining adapters becomes active (with a warning)."""
         self._check_known_adapter(adapter_name)
         if adapter_name in self.merged_adapters:
             raise ValueError(
@@ -208,16 +267,43 @@ class OrthoftLayer(nn.Module):
         for attribute in self.adapter_parameter_names:
             del getattr(self, attribute)[adapter_name]
         del self.adapter_options[adapter_name]
-        if adapter_name in self.active_adapters:
-            remaining = [name for name in self.active_adapters if name != adapter_name]
-            if not remaining and self.adapter_names:
-                remaining = [sorted(self.adapter_names)[0]]
-                warnings.warn(
-                    f"{self.label}: the deleted adapter {adapter_name!r} was the active one; "
-                    f"{remaining[0]!r} is active now",
-                    stacklevel=2,
+        self.set_adapter(
+            active_after_deletion(self.label, self.active_adapters, adapter_name, self.adapter_names)
+        )
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The live tensors of one adapter, keyed as PEFT saves them relative to this layer without the
+        adapter name (``oft_R.weight``; ``boft_R``, ``boft_s``)."""
+        self._check_known_adapter(adapter_name)
+        tensors: dict[str, torch.Tensor] = {}
+        for attribute in self.adapter_parameter_names:
+            entry = getattr(self, attribute)[adapter_name]
+            if isinstance(entry, torch.Tensor):
+                tensors[attribute] = entry
+            else:
+                for key, value in entry.state_dict(keep_vars=True).items():
+                    tensors[f"{attribute}.{key}"] = value
+        return tensors
+
+    def load_adapter_state_dict(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copies ``tensors`` (keyed as ``adapter_state_dict`` gives them) into the adapter, strictly:
+        a missing, unexpected or misshapen key is a ``ValueError`` and changes nothing."""
+        targets = self.adapter_state_dict(adapter_name)
+        missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+        if missing or unexpected:
+            raise ValueError(
+                f"{self.label}: adapter {adapter_name!r} tensors do not fit: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        for key, target in targets.items():
+            if tensors[key].shape != target.shape:
+                raise ValueError(
+                    f"{self.label}: adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
+                    f"adapter's {tuple(target.shape)}"
                 )
-            self.set_adapter(remaining)
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(tensors[key])
 
     # Dense views and merging.
     def _apply_adapter(self, matrix: torch.Tensor, adapter_name: str, training: bool) -> torch.Tensor:
@@ -253,20 +339,17 @@ class OrthoftLayer(nn.Module):
             dense = dense_rotation(rotations, block_size)
             rotation = dense if rotation is None else dense @ rotation.to(dense.dtype)
         if rotation is None:
-            weight = self.base_layer.weight
+            weight = self._base_weight()
             return torch.eye(self.filter_size, dtype=compute_dtype(weight.dtype), device=weight.device)
         return rotation
-
-    def _original_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight.detach()
-        return weight if self._unmerged_weight is None else self._unmerged_weight.to(weight.device)
 
     def get_delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """Merged weight minus base weight for one adapter (default: the active ones composed).
 
         In the base weight's layout and dtype, relative to the unmerged weight even while merged.
         """
-        original = self._original_weight()
+        with torch.no_grad():
+            original = self._unmerged_base_weight()
         merged = self._adapted_weight_matrix(original, self._selected(adapter_name), training=False)
         delta = self._weight_from_matrix(merged) - original.to(merged.dtype)
         return delta.to(original.dtype)
@@ -286,8 +369,9 @@ class OrthoftLayer(nn.Module):
         names = [name for name in names if name not in self.merged_adapters]
         if not names:
             return
-        weight = self.base_layer.weight
+        kind, base = self.base_kind, self.base_layer
         with torch.no_grad():
+            weight = kind.weight(base)
             matrix = self._weight_matrix(weight).to(compute_dtype(weight.dtype))
             for name in names:
                 matrix = self._apply_adapter(matrix, name, training=False)
@@ -297,9 +381,19 @@ class OrthoftLayer(nn.Module):
                         "the layer is unchanged"
                     )
             if self._unmerged_weight is None:
-                self._unmerged_weight = weight.detach().clone()
-            weight.copy_(self._weight_from_matrix(matrix))
+                self._unmerged_weight = kind.save_weight(base)
+            kind.write_weight(base, self._weight_from_matrix(matrix).to(weight.dtype))
         self.merged_adapters.extend(names)
+
+    def _unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight as ``base_kind.weight`` gives it, before any merge."""
+        if self._unmerged_weight is None:
+            return self._base_weight().detach()
+        merged = self.base_kind.save_weight(self.base_layer)
+        self.base_kind.restore_weight(self.base_layer, self._unmerged_weight)
+        original = self._base_weight().detach().clone()
+        self.base_kind.restore_weight(self.base_layer, merged)
+        return original
 
     def unmerge(self) -> None:
         """Restores the base weight saved by the first ``merge``, exactly."""
@@ -307,7 +401,7 @@ class OrthoftLayer(nn.Module):
             warnings.warn(f"{self.label}: no adapter is merged; nothing to unmerge", stacklevel=2)
             return
         with torch.no_grad():
-            self.base_layer.weight.copy_(self._unmerged_weight)
+            self.base_kind.restore_weight(self.base_layer, self._unmerged_weight)
         self._unmerged_weight = None
         self.merged_adapters.clear()
 
@@ -317,7 +411,7 @@ class OrthoftLayer(nn.Module):
         active = self._held(self.active_adapters)
         if self._adapters_disabled or self.merged or not active:
             return self.base_layer(x)
-        weight = self.base_layer.weight
+        weight = self._base_weight()
         if x.device != weight.device:
             raise ValueError(f"{self.label}: the input is on {x.device} but the layer is on {weight.device}")
         return self._adapted_forward(x, active)

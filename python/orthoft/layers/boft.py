@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .base import OrthoftLayer, compute_dtype
 from .conv import Conv2dLayer
 from .linear import LinearLayer
-from .options import BOFTOptions, layer_label, resolve_boft_options
+from .options import BOFTOptions, with_options_signature
 from .rotation import block_skew, cayley_blocks, drop_blocks
 
 
@@ -17,6 +19,7 @@ class BOFTLayer(OrthoftLayer):
     per-output scale ``s``. Each block ``R_ij`` is the exact Cayley transform of ``(B - B^T) / 2``."""
 
     adapter_parameter_names = ("boft_R", "boft_s")
+    options_class = BOFTOptions
     boft_R: nn.ParameterDict
     boft_s: nn.ParameterDict
     adapter_options: dict[str, BOFTOptions]  # type: ignore[assignment]
@@ -29,32 +32,9 @@ class BOFTLayer(OrthoftLayer):
         """PEFT's shape of ``boft_s``: ``(out, 1)`` for Linear, ``(1, out)`` for Conv2d."""
         raise NotImplementedError
 
-    def add_adapter(
-        self,
-        adapter_name: str,
-        *,
-        block_size: int = 4,
-        block_num: int = 0,
-        n_butterfly_factor: int = 1,
-        dropout: float = 0.0,
-        init_weights: bool = True,
-        layer_name: str | None = None,
-    ) -> None:
-        """Adds a BOFT adapter; ``active_adapters`` is unchanged. Options as PEFT's ``BOFTConfig``
-        without the ``boft_`` prefix."""
-        self._check_new_adapter_name(adapter_name)
-        options = resolve_boft_options(
-            layer_label(type(self).__name__, layer_name or self.layer_name),
-            self.filter_size,
-            self._filter_text(),
-            block_size=block_size,
-            block_num=block_num,
-            n_butterfly_factor=n_butterfly_factor,
-            dropout=dropout,
-            init_weights=init_weights,
-        )
+    def _create_adapter_tensors(self, adapter_name: str, options: BOFTOptions) -> None:
         b = options.block_size
-        factory = {"dtype": self._adapter_dtype(), "device": self.base_layer.weight.device}
+        factory = {"dtype": self._adapter_dtype(), "device": self._base_weight().device}
         blocks = torch.zeros(options.n_butterfly_factor, options.block_num, b, b, **factory)
         scale = torch.ones(self._scale_shape(), **factory)
         if not options.init_weights:
@@ -62,8 +42,6 @@ class BOFTLayer(OrthoftLayer):
             nn.init.normal_(scale, mean=1.0, std=0.1)
         self.boft_R[adapter_name] = nn.Parameter(blocks)
         self.boft_s[adapter_name] = nn.Parameter(scale)
-        self.adapter_options[adapter_name] = options
-        self._set_trainable(adapter_name, adapter_name in self.active_adapters and not self.disable_adapters)
 
     def _rotation_factors(self, adapter_name: str, training: bool) -> tuple[torch.Tensor, int]:
         options = self.adapter_options[adapter_name]
@@ -90,26 +68,16 @@ class BOFTLinear(BOFTLayer, LinearLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        block_size: int = 4,
-        block_num: int = 0,
-        n_butterfly_factor: int = 1,
-        dropout: float = 0.0,
-        init_weights: bool = True,
         adapter_name: str = "default",
         layer_name: str | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(
             nn.Linear(in_features, out_features, bias, device, dtype),
             adapter_name=adapter_name,
             fan_in_fan_out=False,
             layer_name=layer_name,
-            options={
-                "block_size": block_size,
-                "block_num": block_num,
-                "n_butterfly_factor": n_butterfly_factor,
-                "dropout": dropout,
-                "init_weights": init_weights,
-            },
+            options=options,
         )
 
     def _scale_shape(self) -> tuple[int, int]:
@@ -133,13 +101,9 @@ class BOFTConv2d(BOFTLayer, Conv2dLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        block_size: int = 4,
-        block_num: int = 0,
-        n_butterfly_factor: int = 1,
-        dropout: float = 0.0,
-        init_weights: bool = True,
         adapter_name: str = "default",
         layer_name: str | None = None,
+        **options: Any,
     ) -> None:
         base_layer = nn.Conv2d(
             in_channels,
@@ -159,14 +123,14 @@ class BOFTConv2d(BOFTLayer, Conv2dLayer):
             adapter_name=adapter_name,
             fan_in_fan_out=False,
             layer_name=layer_name,
-            options={
-                "block_size": block_size,
-                "block_num": block_num,
-                "n_butterfly_factor": n_butterfly_factor,
-                "dropout": dropout,
-                "init_weights": init_weights,
-            },
+            options=options,
         )
 
     def _scale_shape(self) -> tuple[int, int]:
         return (1, self.out_channels)
+
+
+# The keyword options show up typed in the signatures (help, editors), from the one declaration.
+BOFTLayer.add_adapter = with_options_signature(BOFTLayer.add_adapter, BOFTOptions)  # type: ignore[method-assign]
+BOFTLinear.__init__ = with_options_signature(BOFTLinear.__init__, BOFTOptions)  # type: ignore[method-assign]
+BOFTConv2d.__init__ = with_options_signature(BOFTConv2d.__init__, BOFTOptions)  # type: ignore[method-assign]

@@ -11,33 +11,39 @@ import torch
 from torch import nn
 
 from .base import OrthoftLayer
+from .kinds import kind_of, supported_kinds
+
+
+def _base_attribute(name: str) -> property:
+    return property(lambda self: getattr(self.base_layer, name), doc=f"The base layer's ``{name}``.")
 
 
 class Conv2dLayer(OrthoftLayer):
     """The Conv2d kind of ``OrthoftLayer``.
 
-    ``in_features``/``out_features`` repeat ``in_channels``/``out_channels``, as PEFT names them.
+    ``in_features``/``out_features`` repeat ``in_channels``/``out_channels``, as PEFT names them; the
+    other ``nn.Conv2d`` attributes (``kernel_size``, ``stride``, ``padding``, ``groups``, ...) read
+    through to the base layer.
     """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, int]
+    family = "conv2d"
 
     def _attach_base_layer(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        if not isinstance(base_layer, nn.Conv2d):
+        kind = kind_of(base_layer)
+        if kind is None or kind.family != self.family:
             raise TypeError(
                 f"{self.label} cannot wrap a {type(base_layer).__module__}.{type(base_layer).__qualname__}; "
-                "supported base layers: torch.nn.Conv2d"
+                f"supported base layers: {supported_kinds(self.family)}"
             )
         if fan_in_fan_out:
             raise ValueError(
                 f"{self.label}: fan_in_fan_out=True applies to Conv1D layers only, not nn.Conv2d"
             )
         self.base_layer = base_layer
-        self.in_channels = self.in_features = base_layer.in_channels
-        self.out_channels = self.out_features = base_layer.out_channels
+        self.base_kind = kind
+        self.in_features = base_layer.in_channels
+        self.out_features = base_layer.out_channels
         kh, kw = base_layer.kernel_size
-        self.kernel_size = (kh, kw)
         self.filter_size = base_layer.in_channels // base_layer.groups * kh * kw
 
     def _filter_text(self) -> str:
@@ -58,10 +64,26 @@ class Conv2dLayer(OrthoftLayer):
         return weight.reshape(self.out_channels, self.filter_size)
 
     def _weight_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.reshape(self.base_layer.weight.shape)
+        return matrix.reshape(self.weight.shape)
 
     def _adapted_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.weight
         matrix = self._adapted_weight_matrix(weight, adapter_names, self.training)
         adapted = self._weight_from_matrix(matrix).to(weight.dtype)
         return self.base_layer._conv_forward(x, adapted, self.base_layer.bias)
+
+
+# nn.Conv2d's attributes, read from the base layer so that the layer stands in for it.
+for _name in (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "output_padding",
+    "transposed",
+):
+    setattr(Conv2dLayer, _name, _base_attribute(_name))

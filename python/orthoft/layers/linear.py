@@ -6,52 +6,42 @@ Training never forms the dense ``in x in`` rotation nor a gradient for the froze
 
 from __future__ import annotations
 
-import sys
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from .base import OrthoftLayer
-
-
-def _transformers_conv1d() -> type[nn.Module] | None:
-    """transformers' ``Conv1D`` class if transformers is loaded (a module of that type implies it is)."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+from .kinds import kind_of, supported_kinds
 
 
 class LinearLayer(OrthoftLayer):
-    """The Linear kind of ``OrthoftLayer``: ``y = (x @ R) @ W.T * s + bias``.
+    """The linear family of ``OrthoftLayer``: ``y = (x @ R) @ W.T * s + bias``, for every base-layer kind
+    of that family (``nn.Linear``, transformers' ``Conv1D``, ...; see ``kinds``).
 
-    ``fan_in_fan_out`` is True for a transformers ``Conv1D`` (weight stored as ``(in, out)``),
-    whatever the argument says, and must be False for an ``nn.Linear``.
+    ``fan_in_fan_out`` (weight stored as ``(in, out)``) follows the kind: True for a ``Conv1D``
+    whatever the argument says; True for an ``nn.Linear`` is an error.
     """
 
+    family = "linear"
     fan_in_fan_out: bool
 
     def _attach_base_layer(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        conv1d = _transformers_conv1d()
-        if isinstance(base_layer, nn.Linear):
-            if fan_in_fan_out:
-                raise ValueError(
-                    f"{self.label}: fan_in_fan_out=True does not fit an nn.Linear, which stores its weight "
-                    "as (out_features, in_features); use fan_in_fan_out=False"
-                )
-            in_features, out_features = base_layer.in_features, base_layer.out_features
-        elif conv1d is not None and isinstance(base_layer, conv1d):
-            fan_in_fan_out = True
-            in_features, out_features = base_layer.weight.shape
-        else:
+        kind = kind_of(base_layer)
+        if kind is None or kind.family != self.family:
             raise TypeError(
                 f"{self.label} cannot wrap a {type(base_layer).__module__}.{type(base_layer).__qualname__}; "
-                "supported base layers: torch.nn.Linear and transformers' Conv1D"
+                f"supported base layers: {supported_kinds(self.family)}"
+            )
+        if fan_in_fan_out and not kind.fan_in_fan_out:
+            raise ValueError(
+                f"{self.label}: fan_in_fan_out=True does not fit an nn.Linear ({kind.name}), which stores "
+                "its weight as (out_features, in_features); use fan_in_fan_out=False"
             )
         self.base_layer = base_layer
-        self.fan_in_fan_out = fan_in_fan_out
-        self.in_features = in_features
-        self.out_features = out_features
-        self.filter_size = in_features
+        self.base_kind = kind
+        self.fan_in_fan_out = kind.fan_in_fan_out
+        self.in_features, self.out_features = kind.features(base_layer)
+        self.filter_size = self.in_features
 
     def _filter_text(self) -> str:
         return f"in_features={self.in_features}"
@@ -78,8 +68,12 @@ class LinearLayer(OrthoftLayer):
         if scale is None:
             return self.base_layer(rotated)
         # The scale multiplies W's rows only, not the bias.
-        weight = self.base_layer.weight
-        out = rotated @ weight if self.fan_in_fan_out else F.linear(rotated, weight)
+        run_without_bias = self.base_kind.run_without_bias
+        if run_without_bias is None:
+            raise TypeError(
+                f"{self.label}: BOFT's output scale needs a {self.base_kind.name} without its bias"
+            )
+        out = run_without_bias(self.base_layer, rotated)
         out = out * scale.to(out.dtype)
         bias = self.base_layer.bias
         return out if bias is None else out + bias

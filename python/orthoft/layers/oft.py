@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .base import OrthoftLayer, compute_dtype
 from .conv import Conv2dLayer
 from .linear import LinearLayer
-from .options import OFTOptions, layer_label, resolve_oft_options
+from .options import OFTOptions, with_options_signature
 from .rotation import cayley_blocks, drop_blocks, packed_skew, project_packed_skew
 
 
@@ -25,56 +27,24 @@ class OFTLayer(OrthoftLayer):
     """The OFT method: ``R = blockdiag(R_1 .. R_r)``, each ``R_j`` the Cayley transform of a skew block."""
 
     adapter_parameter_names = ("oft_R",)
+    options_class = OFTOptions
     oft_R: nn.ModuleDict
     adapter_options: dict[str, OFTOptions]  # type: ignore[assignment]
 
     def _init_adapter_containers(self) -> None:
         self.oft_R = nn.ModuleDict()
 
-    def add_adapter(
-        self,
-        adapter_name: str,
-        *,
-        r: int = 0,
-        block_size: int = 32,
-        dropout: float = 0.0,
-        coft: bool = False,
-        eps: float = 6e-5,
-        block_share: bool = False,
-        use_cayley_neumann: bool = True,
-        num_cayley_neumann_terms: int = 5,
-        init_weights: bool = True,
-        layer_name: str | None = None,
-    ) -> None:
-        """Adds an OFT adapter; ``active_adapters`` is unchanged. Options as PEFT's ``OFTConfig``
-        without the ``oft_`` prefix (``dropout`` is its ``module_dropout``)."""
-        self._check_new_adapter_name(adapter_name)
-        options = resolve_oft_options(
-            layer_label(type(self).__name__, layer_name or self.layer_name),
-            self.filter_size,
-            self._filter_text(),
-            r=r,
-            block_size=block_size,
-            dropout=dropout,
-            coft=coft,
-            eps=eps,
-            block_share=block_share,
-            use_cayley_neumann=use_cayley_neumann,
-            num_cayley_neumann_terms=num_cayley_neumann_terms,
-            init_weights=init_weights,
-        )
+    def _create_adapter_tensors(self, adapter_name: str, options: OFTOptions) -> None:
         b = options.block_size
         weight = torch.zeros(
             1 if options.block_share else options.r,
             b * (b - 1) // 2,
             dtype=self._adapter_dtype(),
-            device=self.base_layer.weight.device,
+            device=self._base_weight().device,
         )
         if not options.init_weights:
             nn.init.normal_(weight, mean=0.0, std=0.1)
         self.oft_R[adapter_name] = OFTRotation(weight)
-        self.adapter_options[adapter_name] = options
-        self._set_trainable(adapter_name, adapter_name in self.active_adapters and not self.disable_adapters)
 
     def _rotation_factors(self, adapter_name: str, training: bool) -> tuple[torch.Tensor, int]:
         options = self.adapter_options[adapter_name]
@@ -107,34 +77,16 @@ class OFTLinear(OFTLayer, LinearLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        r: int = 0,
-        block_size: int = 32,
-        dropout: float = 0.0,
-        coft: bool = False,
-        eps: float = 6e-5,
-        block_share: bool = False,
-        use_cayley_neumann: bool = True,
-        num_cayley_neumann_terms: int = 5,
-        init_weights: bool = True,
         adapter_name: str = "default",
         layer_name: str | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(
             nn.Linear(in_features, out_features, bias, device, dtype),
             adapter_name=adapter_name,
             fan_in_fan_out=False,
             layer_name=layer_name,
-            options={
-                "r": r,
-                "block_size": block_size,
-                "dropout": dropout,
-                "coft": coft,
-                "eps": eps,
-                "block_share": block_share,
-                "use_cayley_neumann": use_cayley_neumann,
-                "num_cayley_neumann_terms": num_cayley_neumann_terms,
-                "init_weights": init_weights,
-            },
+            options=options,
         )
 
 
@@ -155,17 +107,9 @@ class OFTConv2d(OFTLayer, Conv2dLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        r: int = 0,
-        block_size: int = 32,
-        dropout: float = 0.0,
-        coft: bool = False,
-        eps: float = 6e-5,
-        block_share: bool = False,
-        use_cayley_neumann: bool = True,
-        num_cayley_neumann_terms: int = 5,
-        init_weights: bool = True,
         adapter_name: str = "default",
         layer_name: str | None = None,
+        **options: Any,
     ) -> None:
         base_layer = nn.Conv2d(
             in_channels,
@@ -185,15 +129,11 @@ class OFTConv2d(OFTLayer, Conv2dLayer):
             adapter_name=adapter_name,
             fan_in_fan_out=False,
             layer_name=layer_name,
-            options={
-                "r": r,
-                "block_size": block_size,
-                "dropout": dropout,
-                "coft": coft,
-                "eps": eps,
-                "block_share": block_share,
-                "use_cayley_neumann": use_cayley_neumann,
-                "num_cayley_neumann_terms": num_cayley_neumann_terms,
-                "init_weights": init_weights,
-            },
+            options=options,
         )
+
+
+# The keyword options show up typed in the signatures (help, editors), from the one declaration.
+OFTLayer.add_adapter = with_options_signature(OFTLayer.add_adapter, OFTOptions)  # type: ignore[method-assign]
+OFTLinear.__init__ = with_options_signature(OFTLinear.__init__, OFTOptions)  # type: ignore[method-assign]
+OFTConv2d.__init__ = with_options_signature(OFTConv2d.__init__, OFTOptions)  # type: ignore[method-assign]

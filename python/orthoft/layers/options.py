@@ -1,52 +1,192 @@
-"""Validation of the adapter options of the OFT and BOFT layers.
+"""The adapter options of OFT and BOFT, declared once, and their validation.
 
-Every check names the layer, the argument, the value and the nearest valid values. Nothing is
-adjusted: an option that does not fit the layer is an error.
+``OFTOptions`` and ``BOFTOptions`` are the declaration: each field is one option with its type,
+default, PEFT config field and check. The layers' keyword options, ``add_adapter``, the configs'
+fields and ``layer_options()`` are all derived from them. Every check names the owner (layer or
+config), the argument, the value and what would be valid. Nothing is adjusted: an option that does
+not fit the layer is an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+import inspect
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 # The butterfly operator handles at most this many factors.
 MAX_BUTTERFLY_FACTORS = 30
 
-
-@dataclass(frozen=True)
-class OFTOptions:
-    """One OFT adapter's options, with ``r`` and ``block_size`` both resolved."""
-
-    r: int
-    block_size: int
-    dropout: float
-    coft: bool
-    eps: float
-    block_share: bool
-    use_cayley_neumann: bool
-    num_cayley_neumann_terms: int
-    init_weights: bool
-
-    def __str__(self) -> str:
-        return options_text(self)
+# A check returns the normalised value, or the reason (``"must be ..."``) the value is invalid.
+Check = Callable[[Any], "Any | Invalid"]
 
 
 @dataclass(frozen=True)
-class BOFTOptions:
-    """One BOFT adapter's options, with ``block_size`` and ``block_num`` both resolved."""
+class Invalid:
+    requirement: str
 
-    block_size: int
-    block_num: int
-    n_butterfly_factor: int
-    dropout: float
-    init_weights: bool
+
+def integer(minimum: int, maximum: int | None = None) -> Check:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            return Invalid(f"must be an integer >= {minimum}")
+        if maximum is not None and value > maximum:
+            return Invalid(f"must be at most {maximum}")
+        return value
+
+    return check
+
+
+def boolean(value: Any) -> Any:
+    return value if isinstance(value, bool) else Invalid("must be True or False")
+
+
+def probability(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return Invalid("must be a probability in [0, 1]")
+    return float(value)
+
+
+def positive(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return Invalid("must be a positive number")
+    return float(value)
+
+
+def option(default: Any, check: Check, peft: str | None = None) -> Any:
+    """A field of an options dataclass: its default, check and PEFT config field (default: same name)."""
+    return dataclasses.field(default=default, metadata={"check": check, "peft": peft})
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who reports an invalid option, and how it names options: a layer by its keyword (``r``), a
+    config by its PEFT field in backticks with the value (`` `r` (4)``)."""
+
+    label: str
+    is_config: bool = False
+
+    def name(self, option_name: str) -> str:
+        return f"`{option_name}`" if self.is_config else option_name
+
+    def named_value(self, option_name: str, value: object) -> str:
+        return f"`{option_name}` ({value})" if self.is_config else option_name
+
+    def error(self, option_name: str, value: object, requirement: str) -> ValueError:
+        end = "." if self.is_config else ""
+        return ValueError(f"{self.label}: {self.name(option_name)} {requirement}, got {value!r}{end}")
+
+
+_Options = TypeVar("_Options", bound="AdapterOptions")
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """Base of the options declarations; subclasses add one field per option."""
+
+    # The PEFT ``peft_type`` of the method these options configure.
+    peft_type: ClassVar[str]
+    # The pair of options of which exactly one is non-zero; the other follows from the rotation size.
+    size_pair: ClassVar[tuple[str, str]]
 
     def __str__(self) -> str:
-        return options_text(self)
+        return ", ".join(f"{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self))
+
+    @classmethod
+    def peft_field(cls, option_name: str) -> str:
+        field = next(f for f in dataclasses.fields(cls) if f.name == option_name)
+        return field.metadata["peft"] or option_name
+
+    @classmethod
+    def default(cls, option_name: str) -> Any:
+        return next(f.default for f in dataclasses.fields(cls) if f.name == option_name)
+
+    @classmethod
+    def declared(cls) -> Iterator[tuple[dataclasses.Field[Any], str]]:
+        """Every option's field and its PEFT config field name."""
+        for field in dataclasses.fields(cls):
+            yield field, field.metadata["peft"] or field.name
+
+    @classmethod
+    def checked(cls: type[_Options], owner: Owner, values: Mapping[str, Any]) -> _Options:
+        """Options from ``values`` (option name -> value; missing ones take their defaults), each checked.
+
+        ``owner`` names options by their PEFT field when it is a config. An unknown name is a ``TypeError``.
+        """
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(
+                f"{owner.label}: unknown options {unknown}; {cls.peft_type} options are {sorted(known)}"
+            )
+        checked: dict[str, Any] = {}
+        for field, peft_field in cls.declared():
+            value = values.get(field.name, field.default)
+            result = field.metadata["check"](value)
+            if isinstance(result, Invalid):
+                raise owner.error(peft_field if owner.is_config else field.name, value, result.requirement)
+            checked[field.name] = result
+        options = cls(**checked)
+        options._check_size_pair(owner)
+        return options
+
+    def _check_size_pair(self, owner: Owner) -> None:
+        a, b = self.size_pair
+        va, vb = getattr(self, a), getattr(self, b)
+        if (va == 0) != (vb == 0):
+            return
+        if owner.is_config:
+            pa, pb = self.peft_field(a), self.peft_field(b)
+            shown = f"{owner.named_value(pa, va)} and {owner.named_value(pb, vb)}"
+            raise ValueError(
+                f"{owner.label}: set exactly one of {shown} "
+                f"to a non-zero value ({pa} * {pb} == in_features, the other one is derived); e.g. "
+                f"{pa}={self.default(a)}, {pb}={self.default(b)}."
+            )
+        raise ValueError(
+            f"{owner.label}: set exactly one of {a} and {b} to a non-zero value; the other follows from the "
+            f"rotation size, which is their product; got {a}={va}, {b}={vb}"
+        )
+
+    def check_without_layer(self, owner: Owner) -> None:
+        """Rules that need no layer size (a config's); ``resolve`` checks them too, with valid values."""
+
+    def resolve(self: _Options, label: str, dim: int, dim_text: str) -> _Options:
+        """These options fitted to a rotation of size ``dim`` (described by ``dim_text``): both options of
+        ``size_pair`` set, or a ``ValueError`` naming the nearest valid values."""
+        raise NotImplementedError
 
 
-def options_text(options: OFTOptions | BOFTOptions) -> str:
-    """``name=value`` pairs of every option, for ``extra_repr``."""
-    return ", ".join(f"{field.name}={getattr(options, field.name)}" for field in fields(options))
+def keyword_parameters(options_class: type[AdapterOptions]) -> list[inspect.Parameter]:
+    """The options as keyword-only parameters, for the signatures of the layers and ``add_adapter``."""
+    return [
+        inspect.Parameter(
+            field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.type
+        )
+        for field in dataclasses.fields(options_class)
+    ]
+
+
+def with_options_signature(function: _Function, options_class: type[AdapterOptions]) -> _Function:
+    """A copy of ``function`` whose signature shows its ``**options`` as the typed keyword parameters of
+    ``options_class`` (for ``help``, ``inspect`` and editors); the options themselves are checked in
+    ``AdapterOptions.checked``."""
+    copy = types.FunctionType(
+        function.__code__,
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__qualname__, copy.__doc__ = function.__qualname__, function.__doc__
+    signature = inspect.signature(function)
+    kept = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    copy.__signature__ = signature.replace(parameters=[*kept, *keyword_parameters(options_class)])  # type: ignore[attr-defined]
+    return copy  # type: ignore[return-value]
 
 
 def layer_label(class_name: str, layer_name: str | None) -> str:
@@ -72,80 +212,44 @@ def _invalid(label: str, argument: str, value: object, reason: str, valid: list[
     return ValueError(f"{label}: {argument}={value!r} is invalid: {reason}; {hint}")
 
 
-def _require_int(label: str, argument: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{label}: {argument} must be an integer >= {minimum}, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class OFTOptions(AdapterOptions):
+    """OFT: ``R = blockdiag(R_1 .. R_r)`` of Cayley rotations. PEFT's ``OFTConfig`` fields, without the
+    ``oft_`` prefix; after ``resolve`` both ``r`` and ``block_size`` are set."""
 
+    peft_type: ClassVar[str] = "OFT"
+    size_pair: ClassVar[tuple[str, str]] = ("r", "block_size")
 
-def _require_bool(label: str, argument: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{label}: {argument} must be True or False, got {value!r}")
-    return value
+    r: int = option(0, integer(0))
+    block_size: int = option(32, integer(0), "oft_block_size")
+    dropout: float = option(0.0, probability, "module_dropout")
+    coft: bool = option(False, boolean)
+    eps: float = option(6e-5, positive)
+    block_share: bool = option(False, boolean)
+    use_cayley_neumann: bool = option(True, boolean)
+    num_cayley_neumann_terms: int = option(5, integer(1))
+    init_weights: bool = option(True, boolean)
 
+    def check_without_layer(self, owner: Owner) -> None:
+        if self.block_size == 1:
+            name = owner.name(self.peft_field("block_size") if owner.is_config else "block_size")
+            raise ValueError(f"{owner.label}: {name} must be >= 2 (a 1 x 1 rotation is fixed), got 1.")
 
-def _require_probability(label: str, argument: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{label}: {argument} must be a probability in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _require_exactly_one(label: str, names: tuple[str, str], values: tuple[int, int], dim_text: str) -> None:
-    if (values[0] == 0) == (values[1] == 0):
-        raise ValueError(
-            f"{label}: set exactly one of {names[0]} and {names[1]} to a non-zero value; the other follows "
-            f"from {dim_text}, which is their product; got {names[0]}={values[0]}, {names[1]}={values[1]}"
-        )
-
-
-def resolve_oft_options(
-    label: str,
-    dim: int,
-    dim_text: str,
-    *,
-    r: int,
-    block_size: int,
-    dropout: float,
-    coft: bool,
-    eps: float,
-    block_share: bool,
-    use_cayley_neumann: bool,
-    num_cayley_neumann_terms: int,
-    init_weights: bool,
-) -> OFTOptions:
-    """Checks OFT options for a rotation of size ``dim`` (described by ``dim_text``)."""
-    r = _require_int(label, "r", r, 0)
-    block_size = _require_int(label, "block_size", block_size, 0)
-    _require_exactly_one(label, ("r", "block_size"), (r, block_size), dim_text)
-    # A block of size 1 has no free parameter: it could only be the identity.
-    valid_sizes = [d for d in divisors(dim) if d >= 2]
-    if block_size:
-        if block_size not in valid_sizes:
-            reason = f"it must divide {dim_text} and be at least 2"
-            raise _invalid(label, "block_size", block_size, reason, nearest(valid_sizes, block_size))
-        r = dim // block_size
-    else:
+    def resolve(self, label: str, dim: int, dim_text: str) -> OFTOptions:
+        # A block of size 1 has no free parameter: it could only be the identity.
+        valid_sizes = [d for d in divisors(dim) if d >= 2]
+        if self.block_size:
+            if self.block_size not in valid_sizes:
+                reason = f"it must divide {dim_text} and be at least 2"
+                raise _invalid(
+                    label, "block_size", self.block_size, reason, nearest(valid_sizes, self.block_size)
+                )
+            return dataclasses.replace(self, r=dim // self.block_size)
         valid_counts = sorted(dim // d for d in valid_sizes)
-        if r not in valid_counts:
+        if self.r not in valid_counts:
             reason = f"it must divide {dim_text} into blocks of size at least 2"
-            raise _invalid(label, "r", r, reason, nearest(valid_counts, r))
-        block_size = dim // r
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{label}: eps must be a positive number, got {eps!r}")
-    use_cayley_neumann = _require_bool(label, "use_cayley_neumann", use_cayley_neumann)
-    if use_cayley_neumann:
-        _require_int(label, "num_cayley_neumann_terms", num_cayley_neumann_terms, 1)
-    return OFTOptions(
-        r=r,
-        block_size=block_size,
-        dropout=_require_probability(label, "dropout", dropout),
-        coft=_require_bool(label, "coft", coft),
-        eps=float(eps),
-        block_share=_require_bool(label, "block_share", block_share),
-        use_cayley_neumann=use_cayley_neumann,
-        num_cayley_neumann_terms=num_cayley_neumann_terms,
-        init_weights=_require_bool(label, "init_weights", init_weights),
-    )
+            raise _invalid(label, "r", self.r, reason, nearest(valid_counts, self.r))
+        return dataclasses.replace(self, block_size=dim // self.r)
 
 
 def valid_boft_block_sizes(dim: int, n_butterfly_factor: int) -> list[int]:
@@ -154,51 +258,56 @@ def valid_boft_block_sizes(dim: int, n_butterfly_factor: int) -> list[int]:
     return [d for d in divisors(dim) if d >= 2 and (m == 1 or d % 2 == 0) and dim % (d << (m - 1)) == 0]
 
 
-def resolve_boft_options(
-    label: str,
-    dim: int,
-    dim_text: str,
-    *,
-    block_size: int,
-    block_num: int,
-    n_butterfly_factor: int,
-    dropout: float,
-    init_weights: bool,
-) -> BOFTOptions:
-    """Checks BOFT options for a rotation of size ``dim`` (described by ``dim_text``)."""
-    block_size = _require_int(label, "block_size", block_size, 0)
-    block_num = _require_int(label, "block_num", block_num, 0)
-    m = _require_int(label, "n_butterfly_factor", n_butterfly_factor, 1)
-    if m > MAX_BUTTERFLY_FACTORS:
-        raise ValueError(
-            f"{label}: n_butterfly_factor must be at most {MAX_BUTTERFLY_FACTORS}, got {n_butterfly_factor!r}"
-        )
-    _require_exactly_one(label, ("block_size", "block_num"), (block_size, block_num), dim_text)
-    valid_sizes = valid_boft_block_sizes(dim, m)
-    if block_size:
-        argument, value, b, valid = "block_size", block_size, block_size, valid_sizes
-    else:
-        argument, value = "block_num", block_num
-        b = dim // block_num if dim % block_num == 0 else 0
-        valid = sorted(dim // d for d in valid_sizes)
-    if b not in valid_sizes:
-        rule = _boft_rule(dim_text, m)
-        if b not in valid_boft_block_sizes(dim, 1):
-            raise _invalid(label, argument, value, rule, nearest(valid, value))
-        # The blocks split the rotation; it is the number of factors that does not fit them.
-        valid_factors = [
-            k for k in range(1, MAX_BUTTERFLY_FACTORS + 1) if b in valid_boft_block_sizes(dim, k)
-        ]
-        alternatives = ", ".join(map(str, nearest(valid, value))) or "none"
-        reason = f"{rule}, which block size {b} does not satisfy ({argument} values that do: {alternatives})"
-        raise _invalid(label, "n_butterfly_factor", m, reason, nearest(valid_factors, m))
-    return BOFTOptions(
-        block_size=b,
-        block_num=dim // b,
-        n_butterfly_factor=m,
-        dropout=_require_probability(label, "dropout", dropout),
-        init_weights=_require_bool(label, "init_weights", init_weights),
-    )
+@dataclass(frozen=True)
+class BOFTOptions(AdapterOptions):
+    """BOFT: ``m`` butterfly factors of ``D`` Cayley blocks of size ``b``. PEFT's ``BOFTConfig`` fields,
+    without the ``boft_`` prefix; after ``resolve`` both ``block_size`` and ``block_num`` are set."""
+
+    peft_type: ClassVar[str] = "BOFT"
+    size_pair: ClassVar[tuple[str, str]] = ("block_size", "block_num")
+
+    block_size: int = option(4, integer(0), "boft_block_size")
+    block_num: int = option(0, integer(0), "boft_block_num")
+    n_butterfly_factor: int = option(1, integer(1, MAX_BUTTERFLY_FACTORS), "boft_n_butterfly_factor")
+    dropout: float = option(0.0, probability, "boft_dropout")
+    init_weights: bool = option(True, boolean)
+
+    def check_without_layer(self, owner: Owner) -> None:
+        size = self.peft_field("block_size") if owner.is_config else "block_size"
+        if self.block_size == 1:
+            raise ValueError(
+                f"{owner.label}: {owner.name(size)} must be >= 2 (a 1 x 1 rotation is fixed), got 1."
+            )
+        if self.n_butterfly_factor > 1 and self.block_size % 2 == 1:
+            factors = self.peft_field("n_butterfly_factor") if owner.is_config else "n_butterfly_factor"
+            raise ValueError(
+                f"{owner.label}: {owner.name(size)} must be even with {factors} > 1, got {self.block_size}; "
+                f"nearest valid: {self.block_size - 1} or {self.block_size + 1}."
+            )
+
+    def resolve(self, label: str, dim: int, dim_text: str) -> BOFTOptions:
+        m = self.n_butterfly_factor
+        valid_sizes = valid_boft_block_sizes(dim, m)
+        if self.block_size:
+            argument, value, b, valid = "block_size", self.block_size, self.block_size, valid_sizes
+        else:
+            argument, value = "block_num", self.block_num
+            b = dim // self.block_num if dim % self.block_num == 0 else 0
+            valid = sorted(dim // d for d in valid_sizes)
+        if b not in valid_sizes:
+            rule = _boft_rule(dim_text, m)
+            if b not in valid_boft_block_sizes(dim, 1):
+                raise _invalid(label, argument, value, rule, nearest(valid, value))
+            # The blocks split the rotation; it is the number of factors that does not fit them.
+            valid_factors = [
+                k for k in range(1, MAX_BUTTERFLY_FACTORS + 1) if b in valid_boft_block_sizes(dim, k)
+            ]
+            alternatives = ", ".join(map(str, nearest(valid, value))) or "none"
+            reason = (
+                f"{rule}, which block size {b} does not satisfy ({argument} values that do: {alternatives})"
+            )
+            raise _invalid(label, "n_butterfly_factor", m, reason, nearest(valid_factors, m))
+        return dataclasses.replace(self, block_size=b, block_num=dim // b)
 
 
 def _boft_rule(dim_text: str, m: int) -> str:
