@@ -411,9 +411,10 @@ class OrthoftLayer(nn.Module):
         active = self._held(self.active_adapters)
         if self._adapters_disabled or self.merged or not active:
             return self.base_layer(x)
-        weight = self._base_weight()
-        if x.device != weight.device:
-            raise ValueError(f"{self.label}: the input is on {x.device} but the layer is on {weight.device}")
+        # The adapters live where the base layer does; reading them costs nothing (no dequantization).
+        device = self._adapter_parameters(active[0])[0].device
+        if x.device != device:
+            raise ValueError(f"{self.label}: the input is on {x.device} but the layer is on {device}")
         return self._adapted_forward(x, active)
 
     def extra_repr(self) -> str:
