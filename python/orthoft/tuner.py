@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ALL_LINEAR, OrthoftConfig
+from .default_targets import DEFAULT_TARGET_MODULES
 from .layers import LAYER_CLASSES, OrthoftLayer
 from .layers.base import active_after_deletion, check_adapter_name
 from .layers.kinds import kind_of, supported_kinds
@@ -313,22 +315,37 @@ def _wrap_modules_to_save(
     return installs
 
 
-def get_orthoft_model(model: nn.Module, config: OrthoftConfig, adapter_name: str = "default") -> nn.Module:
+def _with_default_targets(model: nn.Module, config: OrthoftConfig) -> OrthoftConfig:
+    """``config`` with ``target_modules=None`` replaced by the defaults for the model's type, as PEFT."""
+    if config.target_modules is not None:
+        return config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        known = "" if model_type is None else f" for its model type {model_type!r}"
+        raise ValueError(
+            f"{type(config).__name__}.target_modules is None and {type(model).__name__} has no default "
+            f"targets{known}: name the modules to adapt (a list of name suffixes, a regular expression "
+            f"matching whole paths, or {ALL_LINEAR!r})."
+        )
+    return dataclasses.replace(config, target_modules=copy.copy(DEFAULT_TARGET_MODULES[model_type]))
+
+
+def get_orthoft_model(
+    model: nn.Module, config: OrthoftConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+) -> nn.Module:
     """Add the adapter ``adapter_name`` described by ``config`` to ``model``, in place; returns ``model``.
 
     Matching modules are replaced by orthoft layers sharing their parameters (layers already
     wrapped get the adapter added). Everything but the active adapters' tensors, the biases that
     ``config.bias`` names and the ``modules_to_save`` copies is frozen. On any error the model is
-    left as it was.
+    left as it was. ``target_modules=None`` takes PEFT's defaults for the model's transformers type.
+    With ``low_cpu_mem_usage`` the adapter tensors are created on the meta device, to be loaded
+    (``load_adapter``) before use.
     """
     if not isinstance(config, OrthoftConfig) or type(config) is OrthoftConfig:
         raise TypeError(f"config must be an orthoft OFTConfig or BOFTConfig, got {_describe(config)}.")
     _check_adapter_name(model, adapter_name)
-    if config.target_modules is None:
-        raise ValueError(
-            f"{type(config).__name__}.target_modules is None: name the modules to adapt (a list of name "
-            f"suffixes, a regular expression matching whole paths, or {ALL_LINEAR!r})."
-        )
+    config = _with_default_targets(model, config)
     output_layer = _output_layer(model) if config.target_modules == ALL_LINEAR else None
     targets: list[tuple[str, nn.Module, nn.Module, str]] = []
     for path, module, parent, attribute in _walk(model):
@@ -354,12 +371,18 @@ def get_orthoft_model(model: nn.Module, config: OrthoftConfig, adapter_name: str
         for path, module, _, _ in targets:
             if isinstance(module, OrthoftLayer):
                 if module not in extended:
-                    module.add_adapter(adapter_name, layer_name=path, **options)
+                    module.add_adapter(
+                        adapter_name, layer_name=path, low_cpu_mem_usage=low_cpu_mem_usage, **options
+                    )
                     extended.append(module)
             elif id(module) not in replacements:
                 layer_cls = _layer_class(config, path, module)
                 replacements[id(module)] = layer_cls.from_module(
-                    module, adapter_name=adapter_name, layer_name=path, **options
+                    module,
+                    adapter_name=adapter_name,
+                    layer_name=path,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                    **options,
                 )
     except BaseException:
         for layer in extended:
@@ -544,6 +567,7 @@ def merge_and_unload(
     state = _state(model)
     names = list(state.active if adapter_names is None else adapter_names)
     _check_names(state, names)
+    _check_weights_not_shared(model)
     merged: set[int] = set()
     for _, module, parent, attribute in list(_walk(model)):
         if isinstance(module, OrthoftLayer):
@@ -562,6 +586,27 @@ def merge_and_unload(
             )
     _restore_base(model, state)
     return model
+
+
+def _check_weights_not_shared(model: nn.Module) -> None:
+    """Merging writes into the base weight: refuse where another module shares it (tied or replicated
+    layers), whose output would change too, as PEFT refuses to merge into replicated layers. One
+    orthoft layer reached at several paths is fine: every path sees the same merged layer."""
+    paths: dict[int, list[str]] = {}  # parameter or orthoft layer -> every path it is reached at
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, OrthoftLayer):
+            paths.setdefault(id(module), []).append(path)
+        for name, parameter in module.named_parameters(recurse=False):
+            paths.setdefault(id(parameter), []).append(f"{path}.{name}")
+    for layer_path, layer in named_orthoft_layers(model):
+        for name, parameter in layer.base_layer.named_parameters():
+            own = {f"{path}.base_layer.{name}" for path in paths[id(layer)]}
+            others = [path for path in paths[id(parameter)] if path not in own]
+            if others:
+                raise ValueError(
+                    f"Cannot merge into '{layer_path}': its base {name} is shared with {others} (tied or "
+                    "replicated layers), which merging would change too. Keep the adapter unmerged or untie."
+                )
 
 
 def unload(model: nn.Module) -> nn.Module:

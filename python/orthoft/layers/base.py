@@ -129,8 +129,8 @@ class OrthoftLayer(nn.Module):
     def _init_adapter_containers(self) -> None:
         raise NotImplementedError
 
-    def _create_adapter_tensors(self, adapter_name: str, options: Any) -> None:
-        """Creates the tensors of a new adapter with resolved ``options``, on the base weight's device."""
+    def _create_adapter_tensors(self, adapter_name: str, options: Any, device: torch.device) -> None:
+        """Creates the tensors of a new adapter with resolved ``options`` on ``device``."""
         raise NotImplementedError
 
     def _rotation_factors(self, adapter_name: str, training: bool) -> tuple[torch.Tensor, int]:
@@ -230,11 +230,19 @@ class OrthoftLayer(nn.Module):
         """Adapter tensors are float32 (float64 for a float64 base layer)."""
         return compute_dtype(self._base_weight().dtype)
 
-    def add_adapter(self, adapter_name: str, *, layer_name: str | None = None, **options: Any) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        *,
+        layer_name: str | None = None,
+        low_cpu_mem_usage: bool = False,
+        **options: Any,
+    ) -> None:
         """Adds a named adapter with its own options; ``active_adapters`` is unchanged.
 
         ``options`` are the method's options (see ``options_class``; PEFT's config fields without the
-        ``oft_``/``boft_`` prefix); ``layer_name`` overrides the module path that errors show.
+        ``oft_``/``boft_`` prefix); ``layer_name`` overrides the module path that errors show. With
+        ``low_cpu_mem_usage`` the tensors stay on the meta device until ``load_adapter_state_dict``.
         """
         label = layer_label(type(self).__name__, layer_name or self.layer_name)
         check_adapter_name(label, adapter_name)
@@ -242,7 +250,8 @@ class OrthoftLayer(nn.Module):
             raise ValueError(f"{label}: adapter {adapter_name!r} already exists; delete it first")
         checked = self.options_class.checked(Owner(label), options)
         resolved = checked.resolve(label, self.filter_size, self._filter_text())
-        self._create_adapter_tensors(adapter_name, resolved)
+        device = torch.device("meta") if low_cpu_mem_usage else self._base_weight().device
+        self._create_adapter_tensors(adapter_name, resolved, device)
         self.adapter_options[adapter_name] = resolved
         self._update_trainable()
 
@@ -301,9 +310,22 @@ class OrthoftLayer(nn.Module):
                     f"{self.label}: adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
                     f"adapter's {tuple(target.shape)}"
                 )
+        device = self._base_weight().device
         with torch.no_grad():
             for key, target in targets.items():
-                target.copy_(tensors[key])
+                if target.is_meta:  # created with low_cpu_mem_usage: the loaded tensor takes its place
+                    self._replace_parameter(adapter_name, key, tensors[key].to(device, target.dtype))
+                else:
+                    target.copy_(tensors[key])
+        self._update_trainable()
+
+    def _replace_parameter(self, adapter_name: str, key: str, value: torch.Tensor) -> None:
+        attribute, _, name = key.partition(".")
+        container = getattr(self, attribute)
+        if name:
+            setattr(container[adapter_name], name, nn.Parameter(value))
+        else:
+            container[adapter_name] = nn.Parameter(value)
 
     # Dense views and merging.
     def _apply_adapter(self, matrix: torch.Tensor, adapter_name: str, training: bool) -> torch.Tensor:
@@ -413,6 +435,11 @@ class OrthoftLayer(nn.Module):
             return self.base_layer(x)
         # The adapters live where the base layer does; reading them costs nothing (no dequantization).
         device = self._adapter_parameters(active[0])[0].device
+        if device.type == "meta":
+            raise ValueError(
+                f"{self.label}: adapter {active[0]!r} was created with low_cpu_mem_usage=True and holds no "
+                "values yet; load them first (orthoft.load_adapter or load_adapter_state_dict)"
+            )
         if x.device != device:
             raise ValueError(f"{self.label}: the input is on {x.device} but the layer is on {device}")
         return self._adapted_forward(x, active)

@@ -32,9 +32,9 @@ class BOFTLayer(OrthoftLayer):
         """PEFT's shape of ``boft_s``: ``(out, 1)`` for Linear, ``(1, out)`` for Conv2d."""
         raise NotImplementedError
 
-    def _create_adapter_tensors(self, adapter_name: str, options: BOFTOptions) -> None:
+    def _create_adapter_tensors(self, adapter_name: str, options: BOFTOptions, device: torch.device) -> None:
         b = options.block_size
-        factory = {"dtype": self._adapter_dtype(), "device": self._base_weight().device}
+        factory = {"dtype": self._adapter_dtype(), "device": device}
         blocks = torch.zeros(options.n_butterfly_factor, options.block_num, b, b, **factory)
         scale = torch.ones(self._scale_shape(), **factory)
         if not options.init_weights:

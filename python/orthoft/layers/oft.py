@@ -34,13 +34,13 @@ class OFTLayer(OrthoftLayer):
     def _init_adapter_containers(self) -> None:
         self.oft_R = nn.ModuleDict()
 
-    def _create_adapter_tensors(self, adapter_name: str, options: OFTOptions) -> None:
+    def _create_adapter_tensors(self, adapter_name: str, options: OFTOptions, device: torch.device) -> None:
         b = options.block_size
         weight = torch.zeros(
             1 if options.block_share else options.r,
             b * (b - 1) // 2,
             dtype=self._adapter_dtype(),
-            device=self._base_weight().device,
+            device=device,
         )
         if not options.init_weights:
             nn.init.normal_(weight, mean=0.0, std=0.1)

@@ -1,0 +1,103 @@
+"""PEFT's conveniences in the tuner: default targets per model type, adapters created on the meta device,
+and no merge into weights that other modules share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTModel
+
+from orthoft.config import BOFTConfig, OFTConfig
+from orthoft.layers import OrthoftLayer
+from orthoft.tuner import get_orthoft_model, merge_and_unload, named_orthoft_layers
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("config_class", [OFTConfig, BOFTConfig])
+def test_no_target_modules_takes_peft_s_defaults_for_the_model_type(config_class) -> None:
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING,
+    )
+
+    peft_defaults = {
+        OFTConfig: TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING,
+        BOFTConfig: TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING,
+    }[config_class]["llama"]
+    config = config_class()
+    model = get_orthoft_model(tiny_llama(), config)
+    adapted = {path.rpartition(".")[2] for path, _ in named_orthoft_layers(model)}
+    assert adapted == set(peft_defaults)
+    assert len(named_orthoft_layers(model)) == 2 * len(peft_defaults)
+    assert config.target_modules is None  # the caller's config is not changed
+
+
+def test_no_target_modules_names_a_model_type_without_defaults() -> None:
+    model = ViTModel(
+        ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"target_modules is None and ViTModel has no default targets for its model type 'vit'",
+    ):
+        get_orthoft_model(model, OFTConfig(oft_block_size=8))
+
+
+def test_low_cpu_mem_usage_creates_adapters_on_meta_until_loaded() -> None:
+    config = BOFTConfig(
+        target_modules=["q_proj", "v_proj"], boft_block_size=8, boft_n_butterfly_factor=2, init_weights=False
+    )
+    reference_model = get_orthoft_model(tiny_llama(), config)
+    ids = torch.randint(0, 64, (2, 7))
+    expected = reference_model(ids).logits
+
+    model = get_orthoft_model(tiny_llama(), config, low_cpu_mem_usage=True)
+    layers = dict(named_orthoft_layers(model))
+    assert all(p.is_meta for layer in layers.values() for p in layer.parameters() if p.requires_grad)
+    assert not any(p.is_meta for name, p in model.named_parameters() if "boft_" not in name)
+    with pytest.raises(ValueError, match=r"created with low_cpu_mem_usage=True .* load them first"):
+        model(ids)
+    for path, layer in named_orthoft_layers(reference_model):
+        layers[path].load_adapter_state_dict("default", layer.adapter_state_dict("default"))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("boft_" in name for name in trainable)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_merge_refuses_weights_shared_with_other_modules() -> None:
+    torch.manual_seed(1)
+    first, second = nn.Linear(16, 16), nn.Linear(16, 16)
+    second.weight = first.weight  # tied
+    model = nn.Sequential(first, nn.ReLU(), second)
+    get_orthoft_model(model, OFTConfig(target_modules=["0"], oft_block_size=4, init_weights=False))
+    with pytest.raises(
+        ValueError, match=r"Cannot merge into '0': its base weight is shared with \['2\.weight'\]"
+    ):
+        merge_and_unload(model)
+    assert isinstance(model[0], OrthoftLayer)  # nothing was merged
+
+
+def test_merge_into_one_layer_reached_at_two_paths_is_allowed() -> None:
+    torch.manual_seed(2)
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    get_orthoft_model(model, OFTConfig(target_modules=["0", "2"], oft_block_size=4, init_weights=False))
+    assert model[0] is model[2]
+    x = torch.randn(3, 16)
+    expected = model(x)
+    merged = merge_and_unload(model)
+    assert merged[0] is merged[2] is shared
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
