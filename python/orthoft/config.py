@@ -29,7 +29,7 @@ _PEFT_ONLY_FIELDS = frozenset(
 def _check(owner: str, name: str, value: object, check: Check) -> None:
     result = check(value)
     if isinstance(result, Invalid):
-        raise Owner(owner, is_config=True).error(name, value, result.requirement)
+        raise ValueError(f"{owner}: `{name}` {result.requirement}, got {value!r}.")
 
 
 def _normalize_names(owner: str, name: str, value: object) -> list[str] | str | None:
@@ -85,8 +85,8 @@ class OrthoftConfig:
                 raise ValueError(f"{owner}: `modules_to_save` must be a list of module names, got {names!r}.")
             self.modules_to_save = names
         _check(owner, "fan_in_fan_out", self.fan_in_fan_out, boolean)
-        options = self.options_class.checked(Owner(owner, is_config=True), self.layer_options())
-        options.check_without_layer(Owner(owner, is_config=True))
+        reporter = Owner(owner, config_of=self.options_class)
+        self.options_class.checked(reporter, self.layer_options()).check_without_layer(reporter)
 
     def _check_layers(self, owner: str) -> None:
         layers = self.layers_to_transform

@@ -60,27 +60,24 @@ def option(default: Any, check: Check, peft: str | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"check": check, "peft": peft})
 
 
-@dataclass(frozen=True)
-class Owner:
-    """Who reports an invalid option, and how it names options: a layer by its keyword (``r``), a
-    config by its PEFT field in backticks with the value (`` `r` (4)``)."""
-
-    label: str
-    is_config: bool = False
-
-    def name(self, option_name: str) -> str:
-        return f"`{option_name}`" if self.is_config else option_name
-
-    def named_value(self, option_name: str, value: object) -> str:
-        return f"`{option_name}` ({value})" if self.is_config else option_name
-
-    def error(self, option_name: str, value: object, requirement: str) -> ValueError:
-        end = "." if self.is_config else ""
-        return ValueError(f"{self.label}: {self.name(option_name)} {requirement}, got {value!r}{end}")
-
-
 _Options = TypeVar("_Options", bound="AdapterOptions")
 _Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who reports an invalid option: a layer names it by its keyword (``r``), a config by its PEFT
+    field in backticks (`` `oft_block_size` ``)."""
+
+    label: str
+    config_of: type[AdapterOptions] | None = None
+
+    def name(self, option_name: str) -> str:
+        return option_name if self.config_of is None else f"`{self.config_of.peft_field(option_name)}`"
+
+    def error(self, option_name: str, value: object, requirement: str) -> ValueError:
+        end = "" if self.config_of is None else "."
+        return ValueError(f"{self.label}: {self.name(option_name)} {requirement}, got {value!r}{end}")
 
 
 @dataclass(frozen=True)
@@ -96,60 +93,48 @@ class AdapterOptions:
         return ", ".join(f"{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self))
 
     @classmethod
-    def peft_field(cls, option_name: str) -> str:
-        field = next(f for f in dataclasses.fields(cls) if f.name == option_name)
-        return field.metadata["peft"] or option_name
-
-    @classmethod
-    def default(cls, option_name: str) -> Any:
-        return next(f.default for f in dataclasses.fields(cls) if f.name == option_name)
-
-    @classmethod
     def declared(cls) -> Iterator[tuple[dataclasses.Field[Any], str]]:
         """Every option's field and its PEFT config field name."""
         for field in dataclasses.fields(cls):
             yield field, field.metadata["peft"] or field.name
 
     @classmethod
+    def peft_field(cls, option_name: str) -> str:
+        return next(peft for field, peft in cls.declared() if field.name == option_name)
+
+    @classmethod
     def checked(cls: type[_Options], owner: Owner, values: Mapping[str, Any]) -> _Options:
         """Options from ``values`` (option name -> value; missing ones take their defaults), each checked.
 
-        ``owner`` names options by their PEFT field when it is a config. An unknown name is a ``TypeError``.
+        An unknown name is a ``TypeError``.
         """
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(defaults))
         if unknown:
             raise TypeError(
-                f"{owner.label}: unknown options {unknown}; {cls.peft_type} options are {sorted(known)}"
+                f"{owner.label}: unknown options {unknown}; {cls.peft_type} options are {sorted(defaults)}"
             )
         checked: dict[str, Any] = {}
-        for field, peft_field in cls.declared():
+        for field in dataclasses.fields(cls):
             value = values.get(field.name, field.default)
             result = field.metadata["check"](value)
             if isinstance(result, Invalid):
-                raise owner.error(peft_field if owner.is_config else field.name, value, result.requirement)
+                raise owner.error(field.name, value, result.requirement)
             checked[field.name] = result
-        options = cls(**checked)
-        options._check_size_pair(owner)
-        return options
-
-    def _check_size_pair(self, owner: Owner) -> None:
-        a, b = self.size_pair
-        va, vb = getattr(self, a), getattr(self, b)
-        if (va == 0) != (vb == 0):
-            return
-        if owner.is_config:
-            pa, pb = self.peft_field(a), self.peft_field(b)
-            shown = f"{owner.named_value(pa, va)} and {owner.named_value(pb, vb)}"
+        a, b = cls.size_pair
+        if (checked[a] == 0) == (checked[b] == 0):
+            if owner.config_of is None:
+                raise ValueError(
+                    f"{owner.label}: set exactly one of {a} and {b} to a non-zero value; the other follows "
+                    f"from the rotation size, which is their product; got {a}={checked[a]}, {b}={checked[b]}"
+                )
+            pa, pb = cls.peft_field(a), cls.peft_field(b)
             raise ValueError(
-                f"{owner.label}: set exactly one of {shown} "
-                f"to a non-zero value ({pa} * {pb} == in_features, the other one is derived); e.g. "
-                f"{pa}={self.default(a)}, {pb}={self.default(b)}."
+                f"{owner.label}: set exactly one of `{pa}` ({checked[a]}) and `{pb}` ({checked[b]}) to a "
+                f"non-zero value ({pa} * {pb} == in_features, the other one is derived); e.g. "
+                f"{pa}={defaults[a]}, {pb}={defaults[b]}."
             )
-        raise ValueError(
-            f"{owner.label}: set exactly one of {a} and {b} to a non-zero value; the other follows from the "
-            f"rotation size, which is their product; got {a}={va}, {b}={vb}"
-        )
+        return cls(**checked)
 
     def check_without_layer(self, owner: Owner) -> None:
         """Rules that need no layer size (a config's); ``resolve`` checks them too, with valid values."""
@@ -232,8 +217,7 @@ class OFTOptions(AdapterOptions):
 
     def check_without_layer(self, owner: Owner) -> None:
         if self.block_size == 1:
-            name = owner.name(self.peft_field("block_size") if owner.is_config else "block_size")
-            raise ValueError(f"{owner.label}: {name} must be >= 2 (a 1 x 1 rotation is fixed), got 1.")
+            raise owner.error("block_size", 1, "must be >= 2 (a 1 x 1 rotation is fixed)")
 
     def resolve(self, label: str, dim: int, dim_text: str) -> OFTOptions:
         # A block of size 1 has no free parameter: it could only be the identity.
@@ -273,15 +257,12 @@ class BOFTOptions(AdapterOptions):
     init_weights: bool = option(True, boolean)
 
     def check_without_layer(self, owner: Owner) -> None:
-        size = self.peft_field("block_size") if owner.is_config else "block_size"
         if self.block_size == 1:
-            raise ValueError(
-                f"{owner.label}: {owner.name(size)} must be >= 2 (a 1 x 1 rotation is fixed), got 1."
-            )
+            raise owner.error("block_size", 1, "must be >= 2 (a 1 x 1 rotation is fixed)")
         if self.n_butterfly_factor > 1 and self.block_size % 2 == 1:
-            factors = self.peft_field("n_butterfly_factor") if owner.is_config else "n_butterfly_factor"
+            size, factors = owner.name("block_size"), owner.name("n_butterfly_factor")
             raise ValueError(
-                f"{owner.label}: {owner.name(size)} must be even with {factors} > 1, got {self.block_size}; "
+                f"{owner.label}: {size} must be even with {factors} > 1, got {self.block_size}; "
                 f"nearest valid: {self.block_size - 1} or {self.block_size + 1}."
             )
 
