@@ -12,6 +12,7 @@ from torch import nn
 from .. import ops
 from .base import OrthoftLayer
 from .kinds import kind_of, supported_kinds
+from .output_scale import scale_output
 
 
 class LinearLayer(OrthoftLayer):
@@ -74,6 +75,4 @@ class LinearLayer(OrthoftLayer):
                 f"{self.label}: BOFT's output scale needs a {self.base_kind.name} without its bias"
             )
         out = run_without_bias(self.base_layer, rotated)
-        out = out * scale.to(out.dtype)
-        bias = self.base_layer.bias
-        return out if bias is None else out + bias
+        return scale_output(out, scale.to(out.dtype), self.base_layer.bias)
