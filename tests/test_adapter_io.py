@@ -249,7 +249,7 @@ def test_writes_what_peft_writes_for_the_same_config(tmp_path: Path, options: di
     first = {"peft_type": options["peft_type"], "target_modules": ["q"]}
     if options["peft_type"] == "OFT":
         first["oft_block_size"] = 4
-    peft_model = peft.get_peft_model(copy.deepcopy(original), peft.get_peft_config(first), adapter_name="first")
+    peft_model = peft.get_peft_model(copy.deepcopy(original), peft.get_peft_config(first), "first")
     peft_model.add_adapter("second", peft.get_peft_config(options))
     peft_model.save_pretrained(tmp_path / "peft", selected_adapters=["second"])
 
