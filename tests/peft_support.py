@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import peft
@@ -12,6 +13,16 @@ import pytest
 import torch
 from peft.tuners.boft import layer as peft_boft
 from torch import nn
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """The models here are tiny: intra-op threads only add synchronisation, which costs up to 10x on a
+    busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class BlockDiagOnCpu:

@@ -15,11 +15,22 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from orthoft.adapter_io import load_adapter, save_adapter
 from orthoft.config import OrthoftConfig
 from orthoft.tuner import get_orthoft_model, set_adapter
-from peft_support import peft_from_pretrained, peft_with_several_factors, transformers_load_adapter
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Failed to load the CUDA extension", "ignore:Setting boft_n_butterfly_factor to 1"
+from peft_support import (  # noqa: F401 (one_thread: a fixture, used by name)
+    one_thread,
+    peft_from_pretrained,
+    peft_with_several_factors,
+    transformers_load_adapter,
 )
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings(
+        "ignore:Failed to load the CUDA extension",
+        "ignore:Setting boft_n_butterfly_factor to 1",
+        # PEFT's get_peft_model asks transformers 5 a deprecated question.
+        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+    ),
+]
 
 # Round trips agree to float32 rounding; an adapter far from identity moves logits by > 1e-2.
 TOLERANCE = 1e-5
