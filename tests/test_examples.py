@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peft_support import one_thread  # noqa: F401 (a fixture, used by name)
+from peft_interop import one_thread  # noqa: F401 (a fixture, used by name)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from orthoft.adapter_io import load_adapter, save_adapter
 from orthoft.config import OrthoftConfig
 from orthoft.tuner import get_orthoft_model, set_adapter
-from peft_support import (  # noqa: F401 (one_thread: a fixture, used by name)
+from peft_interop import (  # noqa: F401 (one_thread: a fixture, used by name)
     one_thread,
     peft_from_pretrained,
     peft_with_several_factors,

@@ -36,7 +36,7 @@ from orthoft.adapter_io import load_adapter, save_adapter
 from orthoft.config import OrthoftConfig
 from orthoft.layers import OFTConv2d, OrthoftLayer
 from orthoft.tuner import get_orthoft_model, merge_and_unload
-from peft_support import (  # noqa: F401 (one_thread: a fixture, used by name)
+from peft_interop import (  # noqa: F401 (one_thread: a fixture, used by name)
     one_thread,
     peft_from_pretrained,
     peft_with_several_factors,
