@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import runpy
 import sys
@@ -36,3 +37,6 @@ def test_finetune_digits(
         "adapter_config.json",
         "adapter_model.safetensors",
     }
+    # The base model came from from_pretrained: the adapter names it, as PEFT's would.
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
