@@ -1,38 +1,79 @@
-"""Saving and loading one adapter as PEFT lays it out on disk.
+"""Saving and loading one adapter in PEFT's format, so that PEFT and transformers read it.
 
-A directory holds ``adapter_config.json`` (the config's ``to_dict``, with ``peft_type``) and
-``adapter_model.safetensors`` with only that adapter's tensors, keyed by module path without the
-adapter name (``<path>.oft_R.weight``, ``<path>.boft_R``, ``<path>.boft_s``), plus the biases its
-``bias`` option trains (``<path>.base_layer.bias``, ...) and its ``modules_to_save`` copies
-(``<path>.<name>``). PEFT-saved OFT / BOFT directories, whose keys carry a ``base_model.model.``
-prefix, load as well.
+``save_adapter`` writes what PEFT's ``save_pretrained`` writes for the same config:
+
+- ``adapter_model.safetensors``: the adapter's tensors keyed ``base_model.model.<module path>.oft_R.weight``
+  (OFT) or ``.boft_R`` / ``.boft_s`` (BOFT), in their own dtypes, plus the biases its ``bias`` option
+  names (``<path>.base_layer.bias`` for ``"oft_only"``/``"boft_only"``; for ``"all"`` every ``.bias`` entry
+  of the model's state dict, as PEFT selects them) and its ``modules_to_save`` copies (``<path>.<name>``).
+- ``adapter_config.json``: the config's fields with PEFT's bookkeeping fields (``peft_type``,
+  ``peft_version``, ``task_type``, ``base_model_name_or_path``, ``inference_mode``, ...).
+
+``load_adapter`` reads those files, directories saved by PEFT itself, and orthoft's earlier layout
+(the same tensors without the ``base_model.model.`` prefix).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import OrthoftConfig
+from .layers import OrthoftLayer
 from .tuner import (
     adapter_configs,
     delete_adapter,
     get_orthoft_model,
-    layer_adapter_names,
     named_modules_to_save,
     named_orthoft_layers,
 )
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_adapter", "save_adapter"]
+__all__ = [
+    "CONFIG_NAME",
+    "PEFT_KEY_PREFIX",
+    "PEFT_TASK_TYPES",
+    "PEFT_VERSION",
+    "WEIGHTS_NAME",
+    "adapter_state_dict",
+    "load_adapter",
+    "save_adapter",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_KEY_PREFIX = "base_model.model."
+# PEFT's PeftModel holds the user's model at ``base_model.model``; its files are keyed from there.
+PEFT_KEY_PREFIX = "base_model.model."
+# The first PEFT release whose OFT Cayley-Neumann series is orthoft's: PEFT 0.18 changed the series and
+# warns when an OFT adapter with ``use_cayley_neumann`` comes from an older version (or names none).
+PEFT_VERSION = "0.18.0"
+# PEFT's ``TaskType`` values (``task_type`` picks the PeftModel subclass that loads the adapter).
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def _layer_tensors(layer: OrthoftLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """One layer's tensors of ``adapter_name`` keyed relative to the layer as PEFT keys them
+    (``oft_R.weight``, ``boft_R``, ``boft_s``); empty if the layer does not hold the adapter.
+
+    The only reader of a layer's internals in this module.
+    """
+    if adapter_name not in layer.adapter_names:
+        return {}
+    tensors: dict[str, torch.Tensor] = {}
+    for attribute in layer.adapter_parameter_names:
+        entry = getattr(layer, attribute)[adapter_name]
+        if isinstance(entry, torch.Tensor):
+            tensors[attribute] = entry
+        else:
+            for key, value in entry.state_dict(keep_vars=True).items():
+                tensors[f"{attribute}.{key}"] = value
+    return tensors
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> OrthoftConfig:
@@ -42,14 +83,15 @@ def _config_of(model: nn.Module, adapter_name: str) -> OrthoftConfig:
     return configs[adapter_name]
 
 
-def _bias_parameters(model: nn.Module, config: OrthoftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+def _trained_biases(model: nn.Module, config: OrthoftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The base model's biases that the adapter trains, by model path."""
     if config.bias == "none":
         return {}
     if config.bias == config.adapted_bias_only:
         return {
             f"{path}.base_layer.bias": layer.base_layer.bias
             for path, layer in named_orthoft_layers(model)
-            if adapter_name in layer_adapter_names(layer) and layer.base_layer.bias is not None
+            if adapter_name in layer.adapter_names and layer.base_layer.bias is not None
         }
     # "all": every bias of the model, but not the frozen originals or copies of modules_to_save.
     wrapped = tuple(f"{path}." for path, _ in named_modules_to_save(model))
@@ -61,68 +103,124 @@ def _bias_parameters(model: nn.Module, config: OrthoftConfig, adapter_name: str)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The live tensors of one adapter under the keys they are saved with."""
+    """The live tensors that ``adapter_name`` trains, under the keys PEFT saves them with."""
     config = _config_of(model, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in named_orthoft_layers(model):
-        if adapter_name not in layer_adapter_names(layer):
-            continue
-        for attribute in layer.adapter_parameter_names:
-            entry = getattr(layer, attribute)[adapter_name]
-            if isinstance(entry, torch.Tensor):
-                tensors[f"{path}.{attribute}"] = entry
-            else:
-                for key, value in entry.state_dict(keep_vars=True).items():
-                    tensors[f"{path}.{attribute}.{key}"] = value
-    tensors.update(_bias_parameters(model, config, adapter_name))
+        tensors.update({f"{path}.{key}": value for key, value in _layer_tensors(layer, adapter_name).items()})
+    tensors.update(_trained_biases(model, config, adapter_name))
     for path, wrapper in named_modules_to_save(model):
         if adapter_name in wrapper.modules_to_save:
             for key, value in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 tensors[f"{path}.{key}"] = value
-    return tensors
+    return {PEFT_KEY_PREFIX + key: value for key, value in tensors.items()}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default") -> None:
-    """Write ``adapter_name``'s config and tensors into the directory ``path`` (created if needed)."""
+def _untrained_peft_biases(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """What PEFT also writes with ``bias="all"``: every ``.bias`` entry of the state dict, among them the
+    frozen originals of modules_to_save and their copies under ``<path>.modules_to_save.bias``. None of
+    them is read back (PEFT's filter, on the keys of orthoft's model, which has PEFT's module layout)."""
+    others = [name for name in adapter_configs(model) if name != adapter_name]
+    selected: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        of_other = any(f".{name}." in key or key.endswith(f".{name}") for name in others)
+        if of_other or not key.endswith(".bias"):
+            continue
+        # PEFT drops the adapter name only where it directly precedes the last part of the key.
+        head, _, last = key.rpartition(".")
+        selected[f"{PEFT_KEY_PREFIX}{head.removesuffix(f'.{adapter_name}')}.{last}"] = value
+    return selected
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    """The model's Hub id or directory (transformers, diffusers); None for a model built from a config."""
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _peft_config_dict(model: nn.Module, config: OrthoftConfig, task_type: str | None) -> dict[str, Any]:
+    """``adapter_config.json`` as PEFT writes it: the config's fields plus PEFT's bookkeeping."""
+    out = config.to_dict()
+    out.update(
+        task_type=task_type,
+        peft_version=PEFT_VERSION,
+        base_model_name_or_path=_name_or_path(model),
+        revision=None,
+        # PEFT writes True: a loaded adapter is frozen unless asked for (is_trainable=True).
+        inference_mode=True,
+        # Without a task type PEFT records the model's class, which its AutoPeftModel uses.
+        auto_mapping=None
+        if task_type is not None
+        else {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
+    )
+    return out
+
+
+def _saved_copy(value: torch.Tensor) -> torch.Tensor:
+    # A tensor sharded by FSDP2 (a DTensor) is gathered first; every rank must call then.
+    full_tensor = getattr(value, "full_tensor", None)
+    full = full_tensor() if callable(full_tensor) else value
+    return full.detach().to("cpu", copy=True).contiguous()
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    task_type: str | None = None,
+    is_main_process: bool = True,
+) -> None:
+    """Write ``adapter_name``'s config and tensors into the directory ``path`` (created if needed), as
+    PEFT's ``save_pretrained`` does: ``PeftModel.from_pretrained(model, path)`` and transformers'
+    ``model.load_adapter(path)`` read it.
+
+    ``task_type`` is PEFT's (one of ``PEFT_TASK_TYPES``), or None for a plain ``PeftModel``. With FSDP2
+    call this on every rank (sharded tensors are gathered) and pass ``is_main_process`` True on one.
+    """
+    if task_type is not None and task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"task_type must be None or one of {PEFT_TASK_TYPES}, got {task_type!r}.")
     config = _config_of(model, adapter_name)
-    tensors = {
-        key: value.detach().to("cpu", copy=True).contiguous()
-        for key, value in adapter_state_dict(model, adapter_name).items()
-    }
+    tensors = adapter_state_dict(model, adapter_name)
+    if config.bias == "all":
+        tensors = {**_untrained_peft_biases(model, adapter_name), **tensors}
+    saved = {key: _saved_copy(value) for key, value in tensors.items()}
+    if not is_main_process:
+        return
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    save_file(saved, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     with open(directory / CONFIG_NAME, "w", encoding="utf-8") as file:
-        json.dump(config.to_dict(), file, indent=2, sort_keys=True)
-        file.write("\n")
+        json.dump(_peft_config_dict(model, config, task_type), file, indent=2, sort_keys=True)
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """The saved tensors under orthoft's keys, and whether PEFT saved them."""
+    """The saved tensors under PEFT's keys, and whether they were saved in PEFT's layout (else orthoft's
+    earlier one, which had no ``base_model.model.`` prefix)."""
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         others = sorted(p.name for p in directory.glob("adapter_model.*"))
         found = f" (found {others}; only safetensors files are read)" if others else ""
         raise FileNotFoundError(f"{weights} does not exist{found}.")
     tensors = load_file(weights)
-    from_peft = bool(tensors) and all(key.startswith(_PEFT_KEY_PREFIX) for key in tensors)
-    if from_peft:
-        tensors = {key.removeprefix(_PEFT_KEY_PREFIX): value for key, value in tensors.items()}
-    return tensors, from_peft
+    if tensors and all(key.startswith(PEFT_KEY_PREFIX) for key in tensors):
+        return tensors, True
+    return {PEFT_KEY_PREFIX + key: value for key, value in tensors.items()}, False
 
 
-def _without_peft_wrapper_biases(
-    model: nn.Module, tensors: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """PEFT with ``bias="all"`` also saves the biases inside its modules_to_save wrappers
-    (``<path>.original_module.bias``: the base model's; ``<path>.modules_to_save.bias``: a copy of
-    ``<path>.bias``); neither is a tensor of the adapter."""
-    inner = tuple(
-        f"{path}.{part}."
-        for path, _ in named_modules_to_save(model)
-        for part in ("original_module", "modules_to_save")
-    )
-    return {key: value for key, value in tensors.items() if not key.startswith(inner)}
+def _warn_on_old_neumann_series(data: dict[str, Any], source: Path) -> None:
+    # Only PEFT's files can predate 0.18; orthoft's earlier ones always used today's series.
+    if data.get("peft_type") != "OFT" or not data.get("use_cayley_neumann", True):
+        return
+    version = str(data.get("peft_version") or "0").partition("@")[0]
+    if tuple(int(part) if part.isdigit() else 0 for part in version.split(".")[:3]) < (0, 18, 0):
+        warnings.warn(
+            f"{source} holds an OFT adapter with use_cayley_neumann saved by PEFT {version} (0: before 0.18, "
+            "which began to record it). PEFT 0.18 changed the Cayley-Neumann series and orthoft computes the "
+            "new one, so outputs differ from those it was trained with: retrain it.",
+            stacklevel=3,
+        )
 
 
 def _listed(keys: set[str]) -> str:
@@ -132,6 +230,9 @@ def _listed(keys: set[str]) -> str:
 
 def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: Path) -> None:
     targets = adapter_state_dict(model, adapter_name)
+    if _config_of(model, adapter_name).bias == "all":
+        # PEFT writes every ``.bias`` entry (see _untrained_peft_biases); only the trained ones are read.
+        tensors = {k: tensor for k, tensor in tensors.items() if k in targets or not k.endswith(".bias")}
     missing, unexpected = set(targets) - set(tensors), set(tensors) - set(targets)
     if missing or unexpected:
         raise ValueError(
@@ -150,7 +251,7 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default") -> nn.Module:
-    """Add the adapter saved in ``path`` to ``model`` as ``adapter_name``; returns ``model``.
+    """Add the adapter saved in ``path`` (by orthoft or PEFT) to ``model`` as ``adapter_name``; returns it.
 
     ``model`` is the base model, plain or already carrying other adapters. The tensors load
     strictly: a missing, unexpected or misshapen key is an error naming it, and leaves the model
@@ -158,11 +259,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: s
     """
     directory = Path(path)
     with open(directory / CONFIG_NAME, encoding="utf-8") as file:
-        config = OrthoftConfig.from_dict(json.load(file))
-    tensors, from_peft = _read_tensors(directory)
+        data = json.load(file)
+    config = OrthoftConfig.from_dict(data)
+    tensors, peft_layout = _read_tensors(directory)
+    if peft_layout:
+        _warn_on_old_neumann_series(data, directory)
     get_orthoft_model(model, config, adapter_name)
-    if from_peft and config.bias == "all":
-        tensors = _without_peft_wrapper_biases(model, tensors)
     try:
         _copy_into(model, tensors, adapter_name, directory / WEIGHTS_NAME)
     except BaseException:

@@ -1,0 +1,85 @@
+"""Trains an orthoft adapter on a tiny Llama in one process of a group, wrapped in DistributedDataParallel
+or FSDP2's ``fully_shard`` (gloo, CPU), and saves it; tests/test_trainers.py starts two of these and
+compares with one process training on the whole batches.
+
+Run: ``RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python distributed_train.py OUT``: trains with
+each wrapper in turn (one start-up for both) and saves into ``OUT/ddp`` and ``OUT/fsdp2``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from orthoft import BOFTConfig, OFTConfig, get_orthoft_model, save_adapter
+from orthoft.config import OrthoftConfig
+
+STEPS = 4
+BATCH = 8
+CONFIGS: dict[str, OrthoftConfig] = {
+    "ddp": OFTConfig(target_modules=["q_proj", "v_proj", "down_proj"], oft_block_size=8),
+    "fsdp2": BOFTConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"], boft_block_size=4, boft_n_butterfly_factor=2
+    ),
+}
+
+
+def build_model(mode: str) -> nn.Module:
+    config = LlamaConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    return get_orthoft_model(LlamaForCausalLM(config), CONFIGS[mode])
+
+
+def batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 48, (BATCH, 12), generator=generator) for _ in range(STEPS)]
+
+
+def train(model: nn.Module, rank: int = 0, world_size: int = 1) -> None:
+    """Adam steps on this rank's equal share of each batch: the gradient averaged over ranks is the
+    gradient of the whole batch's mean loss."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.02)
+    share = BATCH // world_size
+    for batch in batches():
+        part = batch[rank * share : (rank + 1) * share]
+        optimizer.zero_grad()
+        model(input_ids=part, labels=part).loss.backward()
+        optimizer.step()
+
+
+def wrap(model: nn.Module, mode: str) -> nn.Module:
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    for mode in CONFIGS:
+        model = build_model(mode)
+        train(wrap(model, mode), rank, world_size)
+        # FSDP2's shards are gathered inside save_adapter, so every rank calls it; one writes.
+        save_adapter(model, out / mode, is_main_process=rank == 0)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(Path(sys.argv[1]))
