@@ -1,12 +1,12 @@
-"""PEFT's conveniences in the tuner: default targets per model type, adapters created on the meta device,
-and no merge into weights that other modules share."""
+"""The tuner's conveniences beyond what tests/test_peft_conveniences.py checks against PEFT: a layer's
+meta adapters loaded in place, and merging around weights that other modules share."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTModel
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from orthoft.config import BOFTConfig, OFTConfig
 from orthoft.layers import OrthoftLayer
@@ -24,36 +24,6 @@ def tiny_llama() -> LlamaForCausalLM:
         num_key_value_heads=2,
     )
     return LlamaForCausalLM(config).eval()
-
-
-@pytest.mark.parametrize("config_class", [OFTConfig, BOFTConfig])
-def test_no_target_modules_takes_peft_s_defaults_for_the_model_type(config_class) -> None:
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING,
-        TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING,
-    )
-
-    peft_defaults = {
-        OFTConfig: TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING,
-        BOFTConfig: TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING,
-    }[config_class]["llama"]
-    config = config_class()
-    model = get_orthoft_model(tiny_llama(), config)
-    adapted = {path.rpartition(".")[2] for path, _ in named_orthoft_layers(model)}
-    assert adapted == set(peft_defaults)
-    assert len(named_orthoft_layers(model)) == 2 * len(peft_defaults)
-    assert config.target_modules is None  # the caller's config is not changed
-
-
-def test_no_target_modules_names_a_model_type_without_defaults() -> None:
-    model = ViTModel(
-        ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    )
-    with pytest.raises(
-        ValueError,
-        match=r"target_modules is None and ViTModel has no default targets for its model type 'vit'",
-    ):
-        get_orthoft_model(model, OFTConfig(oft_block_size=8))
 
 
 def test_low_cpu_mem_usage_creates_adapters_on_meta_until_loaded() -> None:

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import OrthoftConfig
-from .layers import OrthoftLayer
 from .tuner import (
     adapter_configs,
     delete_adapter,
@@ -55,25 +54,6 @@ PEFT_KEY_PREFIX = "base_model.model."
 PEFT_VERSION = "0.18.0"
 # PEFT's ``TaskType`` values (``task_type`` picks the PeftModel subclass that loads the adapter).
 PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-
-
-def _layer_tensors(layer: OrthoftLayer, adapter_name: str) -> dict[str, torch.Tensor]:
-    """One layer's tensors of ``adapter_name`` keyed relative to the layer as PEFT keys them
-    (``oft_R.weight``, ``boft_R``, ``boft_s``); empty if the layer does not hold the adapter.
-
-    The only reader of a layer's internals in this module.
-    """
-    if adapter_name not in layer.adapter_names:
-        return {}
-    tensors: dict[str, torch.Tensor] = {}
-    for attribute in layer.adapter_parameter_names:
-        entry = getattr(layer, attribute)[adapter_name]
-        if isinstance(entry, torch.Tensor):
-            tensors[attribute] = entry
-        else:
-            for key, value in entry.state_dict(keep_vars=True).items():
-                tensors[f"{attribute}.{key}"] = value
-    return tensors
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> OrthoftConfig:
@@ -107,7 +87,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     config = _config_of(model, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in named_orthoft_layers(model):
-        tensors.update({f"{path}.{key}": value for key, value in _layer_tensors(layer, adapter_name).items()})
+        if adapter_name in layer.adapter_names:
+            tensors.update(
+                {f"{path}.{key}": value for key, value in layer.adapter_state_dict(adapter_name).items()}
+            )
     tensors.update(_trained_biases(model, config, adapter_name))
     for path, wrapper in named_modules_to_save(model):
         if adapter_name in wrapper.modules_to_save:
@@ -245,17 +228,34 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name:
                 f"Adapter tensor {key!r} in {source} has shape {tuple(tensors[key].shape)}, the model's "
                 f"{tuple(target.shape)}."
             )
+    # The layers load their own tensors (in place of meta ones after low_cpu_mem_usage); biases and
+    # modules_to_save copies are the model's own parameters.
+    loaded: set[str] = set()
+    for path, layer in named_orthoft_layers(model):
+        if adapter_name in layer.adapter_names:
+            prefix = f"{PEFT_KEY_PREFIX}{path}."
+            own = {key: tensors[prefix + key] for key in layer.adapter_state_dict(adapter_name)}
+            layer.load_adapter_state_dict(adapter_name, own)
+            loaded.update(prefix + key for key in own)
     with torch.no_grad():
         for key, target in targets.items():
-            target.copy_(tensors[key])
+            if key not in loaded:
+                target.copy_(tensors[key])
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default") -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    low_cpu_mem_usage: bool = False,
+) -> nn.Module:
     """Add the adapter saved in ``path`` (by orthoft or PEFT) to ``model`` as ``adapter_name``; returns it.
 
     ``model`` is the base model, plain or already carrying other adapters. The tensors load
     strictly: a missing, unexpected or misshapen key is an error naming it, and leaves the model
-    as it was.
+    as it was. With ``low_cpu_mem_usage`` the adapter tensors are not created before the loaded ones
+    take their place.
     """
     directory = Path(path)
     with open(directory / CONFIG_NAME, encoding="utf-8") as file:
@@ -264,7 +264,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: s
     tensors, peft_layout = _read_tensors(directory)
     if peft_layout:
         _warn_on_old_neumann_series(data, directory)
-    get_orthoft_model(model, config, adapter_name)
+    get_orthoft_model(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     try:
         _copy_into(model, tensors, adapter_name, directory / WEIGHTS_NAME)
     except BaseException:
