@@ -34,7 +34,7 @@ class BOFTLayer(OrthoftLayer):
 
     def _create_adapter_tensors(self, adapter_name: str, options: BOFTOptions) -> None:
         b = options.block_size
-        factory = {"dtype": self._adapter_dtype(), "device": self._base_weight().device}
+        factory = {"dtype": self._adapter_dtype(), "device": self._base_device()}
         blocks = torch.zeros(options.n_butterfly_factor, options.block_num, b, b, **factory)
         scale = torch.ones(self._scale_shape(), **factory)
         if not options.init_weights:

@@ -40,7 +40,7 @@ class OFTLayer(OrthoftLayer):
             1 if options.block_share else options.r,
             b * (b - 1) // 2,
             dtype=self._adapter_dtype(),
-            device=self._base_weight().device,
+            device=self._base_device(),
         )
         if not options.init_weights:
             nn.init.normal_(weight, mean=0.0, std=0.1)
