@@ -30,7 +30,6 @@ def _clone_weight(module: nn.Module) -> Any:
     return module.weight.detach().clone()
 
 
-
 def _always_mergeable(module: nn.Module) -> str | None:
     return None
 
