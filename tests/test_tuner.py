@@ -236,7 +236,8 @@ def test_unmatched_targets_name_existing_modules() -> None:
 
 @pytest.mark.parametrize(
     ("targets", "path", "type_name"),
-    [(["q", "norm"], "norm", "LayerNorm"), (["embed"], "embed", "Embedding")],
+    # nn.Embedding is adapted since OFTEmbedding/BOFTEmbedding exist (tests/test_embedding.py).
+    [(["q", "norm"], "norm", "LayerNorm"), (["head", "layers.0.mlp.1"], "layers.0.mlp.1", "GELU")],
 )
 def test_unsupported_modules_raise_type_error(targets: list[str], path: str, type_name: str) -> None:
     model = make_model()

@@ -12,7 +12,7 @@ check_torch_compatibility()
 from . import _C, ops, reference  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .config import BOFTConfig, OFTConfig  # noqa: E402
-from .layers import BOFTConv2d, BOFTLinear, OFTConv2d, OFTLinear  # noqa: E402
+from .layers import BOFTConv2d, BOFTEmbedding, BOFTLinear, OFTConv2d, OFTEmbedding, OFTLinear  # noqa: E402
 from .tuner import (  # noqa: E402
     active_adapters,
     delete_adapter,
@@ -30,9 +30,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BOFTConfig",
     "BOFTConv2d",
+    "BOFTEmbedding",
     "BOFTLinear",
     "OFTConfig",
     "OFTConv2d",
+    "OFTEmbedding",
     "OFTLinear",
     "__version__",
     "active_adapters",

@@ -568,6 +568,10 @@ def merge_and_unload(
     names = list(state.active if adapter_names is None else adapter_names)
     _check_names(state, names)
     _check_weights_not_shared(model)
+    # Before changing anything: a forward-only (quantized) layer cannot take a merge.
+    for _, layer in named_orthoft_layers(model):
+        if any(name in layer.adapter_names for name in names):
+            layer.check_mergeable()
     merged: set[int] = set()
     for _, module, parent, attribute in list(_walk(model)):
         if isinstance(module, OrthoftLayer):

@@ -1,12 +1,33 @@
-"""Orthogonal finetuning layers: OFT and BOFT adapters on Linear (and Conv1D) and Conv2d layers."""
+"""Orthogonal finetuning layers: OFT and BOFT adapters on Linear (and Conv1D, quantized linears), Conv2d
+and Embedding layers."""
 
 from __future__ import annotations
 
 from .base import OrthoftLayer
 from .boft import BOFTConv2d, BOFTLinear
+from .embedding import BOFTEmbedding, OFTEmbedding
 from .oft import OFTConv2d, OFTLinear
+from .quantized import register_quantized_kinds
+
+register_quantized_kinds()
 
 # The layer classes the tuner picks from, by method (options class) and base-layer family.
-LAYER_CLASSES: tuple[type[OrthoftLayer], ...] = (OFTLinear, OFTConv2d, BOFTLinear, BOFTConv2d)
+LAYER_CLASSES: tuple[type[OrthoftLayer], ...] = (
+    OFTLinear,
+    OFTConv2d,
+    OFTEmbedding,
+    BOFTLinear,
+    BOFTConv2d,
+    BOFTEmbedding,
+)
 
-__all__ = ["LAYER_CLASSES", "BOFTConv2d", "BOFTLinear", "OFTConv2d", "OFTLinear", "OrthoftLayer"]
+__all__ = [
+    "LAYER_CLASSES",
+    "BOFTConv2d",
+    "BOFTEmbedding",
+    "BOFTLinear",
+    "OFTConv2d",
+    "OFTEmbedding",
+    "OFTLinear",
+    "OrthoftLayer",
+]

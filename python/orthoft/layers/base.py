@@ -226,9 +226,22 @@ class OrthoftLayer(nn.Module):
         """The base weight as a dense floating tensor in the base layer's layout (dequantized)."""
         return self.base_kind.weight(self.base_layer)
 
+    def _base_device(self) -> torch.device:
+        """Where the base layer's weight lives (read without dequantizing it where the kind says how)."""
+        kind = self.base_kind
+        return kind.device(self.base_layer) if kind.device is not None else self._base_weight().device
+
     def _adapter_dtype(self) -> torch.dtype:
         """Adapter tensors are float32 (float64 for a float64 base layer)."""
-        return compute_dtype(self._base_weight().dtype)
+        kind = self.base_kind
+        dtype = kind.dtype(self.base_layer) if kind.dtype is not None else self._base_weight().dtype
+        return compute_dtype(dtype)
+
+    def check_mergeable(self) -> None:
+        """Raises ``TypeError`` if weights cannot be merged into the base layer (forward-only kinds)."""
+        reason = self.base_kind.merge_blocker(self.base_layer)
+        if reason is not None:
+            raise TypeError(f"{self.label}: cannot merge into a {self.base_kind.name} layer: {reason}")
 
     def add_adapter(
         self,
@@ -250,7 +263,7 @@ class OrthoftLayer(nn.Module):
             raise ValueError(f"{label}: adapter {adapter_name!r} already exists; delete it first")
         checked = self.options_class.checked(Owner(label), options)
         resolved = checked.resolve(label, self.filter_size, self._filter_text())
-        device = torch.device("meta") if low_cpu_mem_usage else self._base_weight().device
+        device = torch.device("meta") if low_cpu_mem_usage else self._base_device()
         self._create_adapter_tensors(adapter_name, resolved, device)
         self.adapter_options[adapter_name] = resolved
         self._update_trainable()
@@ -310,7 +323,7 @@ class OrthoftLayer(nn.Module):
                     f"{self.label}: adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
                     f"adapter's {tuple(target.shape)}"
                 )
-        device = self._base_weight().device
+        device = self._base_device()
         with torch.no_grad():
             for key, target in targets.items():
                 if target.is_meta:  # created with low_cpu_mem_usage: the loaded tensor takes its place
@@ -361,8 +374,7 @@ class OrthoftLayer(nn.Module):
             dense = dense_rotation(rotations, block_size)
             rotation = dense if rotation is None else dense @ rotation.to(dense.dtype)
         if rotation is None:
-            weight = self._base_weight()
-            return torch.eye(self.filter_size, dtype=compute_dtype(weight.dtype), device=weight.device)
+            return torch.eye(self.filter_size, dtype=self._adapter_dtype(), device=self._base_device())
         return rotation
 
     def get_delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
@@ -370,6 +382,7 @@ class OrthoftLayer(nn.Module):
 
         In the base weight's layout and dtype, relative to the unmerged weight even while merged.
         """
+        self.check_mergeable()
         with torch.no_grad():
             original = self._unmerged_base_weight()
         merged = self._adapted_weight_matrix(original, self._selected(adapter_name), training=False)
@@ -380,7 +393,9 @@ class OrthoftLayer(nn.Module):
         """Writes ``W' = (W @ R^T) * s`` of ``adapter_names`` (default: the active ones) into the base weight.
 
         Computed in float32 and cast to the weight's dtype. With ``safe_merge`` a non-finite result
-        raises ``ValueError`` and leaves the layer untouched. Adapters already merged are skipped.
+        raises ``ValueError`` and leaves the layer untouched. Adapters already merged are skipped. A
+        quantized weight is dequantized, rotated and requantized with the layer's own settings
+        (``unmerge`` still gives back the original storage exactly).
         """
         if isinstance(adapter_names, str):
             raise TypeError(f"{self.label}: adapter_names must be a list of names, got {adapter_names!r}")
@@ -391,6 +406,7 @@ class OrthoftLayer(nn.Module):
         names = [name for name in names if name not in self.merged_adapters]
         if not names:
             return
+        self.check_mergeable()
         kind, base = self.base_kind, self.base_layer
         with torch.no_grad():
             weight = kind.weight(base)

@@ -30,6 +30,10 @@ def _clone_weight(module: nn.Module) -> Any:
     return module.weight.detach().clone()
 
 
+def _always_mergeable(module: nn.Module) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class BaseLayerKind:
     """One kind of base layer.
@@ -38,6 +42,10 @@ class BaseLayerKind:
     (``(out, in)`` for Linear, ``(in, out)`` with ``fan_in_fan_out``, the conv layout for Conv2d);
     ``write_weight`` stores such a tensor back (requantizing where needed). ``save_weight`` and
     ``restore_weight`` keep the stored weight exactly, so that unmerging gives it back bit for bit.
+
+    ``dtype`` and ``device`` say in which float dtype the weight computes and where it lives, so that
+    adding an adapter dequantizes nothing (``None``: read from ``weight``); ``merge_blocker`` says why
+    weights cannot be merged into a module (a forward-only quantized layer), or ``None`` when they can.
     """
 
     name: str
@@ -55,9 +63,15 @@ class BaseLayerKind:
     write_weight: Callable[[nn.Module, torch.Tensor], None] = _copy_weight
     save_weight: Callable[[nn.Module], Any] = _clone_weight
     restore_weight: Callable[[nn.Module, Any], None] = _copy_weight
+    dtype: Callable[[nn.Module], torch.dtype] | None = None
+    device: Callable[[nn.Module], torch.device] | None = None
+    merge_blocker: Callable[[nn.Module], str | None] = _always_mergeable
 
 
 _KINDS: list[BaseLayerKind] = []
+# Kind name -> when it was registered: error messages list kinds in that order (plain layers first),
+# whatever their match priority.
+_REGISTERED: dict[str, int] = {}
 
 
 def register_kind(kind: BaseLayerKind, *, before: str | None = None) -> None:
@@ -69,6 +83,7 @@ def register_kind(kind: BaseLayerKind, *, before: str | None = None) -> None:
         raise ValueError(f"a base-layer kind named {kind.name!r} is already registered")
     index = len(_KINDS) if before is None else next(i for i, k in enumerate(_KINDS) if k.name == before)
     _KINDS.insert(index, kind)
+    _REGISTERED.setdefault(kind.name, len(_REGISTERED))
 
 
 def kind_of(module: nn.Module) -> BaseLayerKind | None:
@@ -77,8 +92,9 @@ def kind_of(module: nn.Module) -> BaseLayerKind | None:
 
 
 def supported_kinds(family: str | None = None) -> str:
-    """The registered kinds (of one family), for error messages."""
-    return ", ".join(kind.name for kind in _KINDS if family is None or kind.family == family)
+    """The registered kinds (of one family) in the order they were registered, for error messages."""
+    kinds = sorted(_KINDS, key=lambda kind: _REGISTERED.get(kind.name, len(_REGISTERED)))
+    return ", ".join(kind.name for kind in kinds if family is None or kind.family == family)
 
 
 def _transformers_conv1d(module: nn.Module) -> bool:

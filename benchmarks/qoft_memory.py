@@ -1,0 +1,245 @@
+"""Peak memory of one training step of a 4-bit (bitsandbytes nf4) Llama: QOFT (orthoft) vs PEFT OFT vs QLoRA.
+
+Standalone: ``python benchmarks/qoft_memory.py [--device cpu|cuda] [--out benchmarks/results]``. Every
+case runs in a fresh process on the same randomly initialised model (transformers' ``LlamaForCausalLM``
+from a small config, its decoder linears replaced by ``bnb.nn.Linear4bit``), with the same targets
+(all attention and MLP projections). Two warm-up steps create the optimizer state; the third is measured.
+
+- CUDA: ``max_memory_allocated`` during the step minus what was allocated before it.
+- CPU: the process's resident set sampled every 0.2 ms during the step, peak minus the level before it
+  (freed heap returned to the system first). Sampling can miss a peak shorter than the interval.
+
+Writes a markdown table with device, versions, command and date to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL = {
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 4096,
+}
+BATCH, SEQ = 4, 256
+CASES = {
+    "qoft": "orthoft OFT (block size 32) on the 4-bit model",
+    "peft-oft": "PEFT OFT (block size 32) on the 4-bit model",
+    "peft-qlora": "PEFT LoRA (r 16) on the 4-bit model (QLoRA)",
+}
+
+
+def quantized_llama(device: torch.device) -> nn.Module:
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL))
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in TARGETS and type(child) is nn.Linear:
+                quantized = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                )
+                quantized.load_state_dict(child.state_dict())
+                setattr(parent, name, quantized)
+    model.requires_grad_(False)
+    return model.to(device)  # quantizes
+
+
+def adapt(model: nn.Module, case: str) -> nn.Module:
+    if case == "qoft":
+        import orthoft
+
+        return orthoft.get_orthoft_model(model, orthoft.OFTConfig(target_modules=TARGETS, oft_block_size=32))
+    import peft
+
+    if case == "peft-oft":
+        config = peft.OFTConfig(target_modules=TARGETS, oft_block_size=32, r=0)
+    else:
+        config = peft.LoraConfig(target_modules=TARGETS, r=16, lora_alpha=32)
+    return peft.get_peft_model(model, config)
+
+
+class _RssSampler:
+    """Peak resident set of this process while running, from /proc/self/statm."""
+
+    def __init__(self) -> None:
+        self._page = 4096
+        self.peak = self.current()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as file:
+            return int(file.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.0002)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def _release_free_heap() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def run_case(case: str, device: torch.device) -> dict[str, float | int | str]:
+    model = adapt(quantized_llama(device), case)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    torch.manual_seed(1)
+    ids = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        resident = before
+    else:
+        _release_free_heap()
+        with _RssSampler() as sampler:
+            resident = sampler.current()
+            step()
+        peak = sampler.peak - resident
+    seconds = time.perf_counter() - start
+    quantized = sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if "weight" in name and p.dtype == torch.uint8
+    )
+    return {
+        "case": case,
+        "step_peak_mib": peak / 2**20,
+        "resident_before_mib": resident / 2**20,
+        "trainable": sum(p.numel() for p in trainable),
+        "packed_4bit_mib": quantized / 2**20,
+        "step_s": seconds,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def _versions() -> str:
+    names = ["torch", "orthoft", "peft", "transformers", "bitsandbytes"]
+    return ", ".join(f"{name} {version(name)}" for name in names)
+
+
+def report(results: list[dict[str, float | int | str]], device: torch.device, command: str) -> str:
+    model = ", ".join(f"{key}={value}" for key, value in MODEL.items())
+    lines = [
+        "# Peak memory of one training step of a 4-bit Llama: QOFT vs PEFT OFT vs QLoRA",
+        "",
+        f"- device: {_device_name(device)} ({device.type}, {torch.get_num_threads()} threads)",
+        f"- versions: {_versions()}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `{command}`",
+        f"- model: LlamaForCausalLM({model}), decoder projections in bitsandbytes nf4",
+        f"- input: batch {BATCH} x {SEQ} tokens",
+        "- targets: "
+        + ", ".join(TARGETS)
+        + "; AdamW; step = zero_grad, forward with loss, backward, optimizer step",
+        "- peak: "
+        + (
+            "max_memory_allocated during the step minus allocated before it"
+            if device.type == "cuda"
+            else "resident set sampled every 0.2 ms during the step, minus the level before it"
+        ),
+        "",
+        "| case | step peak (MiB) | resident before step (MiB) | trainable params "
+        "| packed 4-bit weights (MiB) | step (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        lines.append(
+            f"| {CASES[str(result['case'])]} | {result['step_peak_mib']:.1f} "
+            f"| {result['resident_before_mib']:.1f} | {result['trainable']:,} "
+            f"| {result['packed_4bit_mib']:.2f} | {result['step_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # one case, in this process
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.case is not None:
+        print(json.dumps(run_case(args.case, device)))
+        return
+    results = []
+    for case in CASES:
+        # A fresh process each: no case inherits another's allocations or caches.
+        command = [sys.executable, __file__, "--device", args.device, "--case", case]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+        print(results[-1], flush=True)
+    text = report(results, device, shlex.join(["python", *sys.argv]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    path = args.out / f"qoft-memory_{args.device}_{stamp}.md"
+    path.write_text(text)
+    print(text)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
