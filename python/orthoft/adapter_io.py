@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import OrthoftConfig
+from .layers.base import check_tensors_fit
 from .tuner import (
     adapter_configs,
     delete_adapter,
@@ -206,28 +207,12 @@ def _warn_on_old_neumann_series(data: dict[str, Any], source: Path) -> None:
         )
 
 
-def _listed(keys: set[str]) -> str:
-    ordered = sorted(keys)
-    return ", ".join(ordered[:20]) + (f", ... ({len(ordered)} in all)" if len(ordered) > 20 else "")
-
-
 def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: Path) -> None:
     targets = adapter_state_dict(model, adapter_name)
     if _config_of(model, adapter_name).bias == "all":
         # PEFT writes every ``.bias`` entry (see _untrained_peft_biases); only the trained ones are read.
         tensors = {k: tensor for k, tensor in tensors.items() if k in targets or not k.endswith(".bias")}
-    missing, unexpected = set(targets) - set(tensors), set(tensors) - set(targets)
-    if missing or unexpected:
-        raise ValueError(
-            f"Adapter tensors in {source} do not fit the model: missing keys [{_listed(missing)}], "
-            f"unexpected keys [{_listed(unexpected)}]."
-        )
-    for key, target in targets.items():
-        if tensors[key].shape != target.shape:
-            raise ValueError(
-                f"Adapter tensor {key!r} in {source} has shape {tuple(tensors[key].shape)}, the model's "
-                f"{tuple(target.shape)}."
-            )
+    check_tensors_fit(f"Adapter tensors in {source}", targets, tensors)
     # The layers load their own tensors (in place of meta ones after low_cpu_mem_usage); biases and
     # modules_to_save copies are the model's own parameters.
     loaded: set[str] = set()

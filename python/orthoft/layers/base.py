@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .kinds import BaseLayerKind
+from .kinds import BaseLayerKind, kind_of, supported_kinds
 from .options import AdapterOptions, Owner, layer_label
 from .rotation import dense_rotation, rotate_rows_transposed
 
@@ -35,6 +35,25 @@ def check_adapter_name(owner: str, adapter_name: object) -> None:
         raise ValueError(
             f"{owner}: adapter_name must be a non-empty string without '.', got {adapter_name!r}"
         )
+
+
+def _listed(keys: set[str]) -> str:
+    ordered = sorted(keys)
+    return ", ".join(ordered[:20]) + (f", ... ({len(ordered)} in all)" if len(ordered) > 20 else "")
+
+
+def check_tensors_fit(owner: str, targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """A ``ValueError`` naming the missing and unexpected keys of ``tensors``, or a misshapen one."""
+    missing, unexpected = set(targets) - set(tensors), set(tensors) - set(targets)
+    if missing or unexpected:
+        raise ValueError(
+            f"{owner} do not fit: missing keys [{_listed(missing)}], unexpected keys [{_listed(unexpected)}]."
+        )
+    for key, target in targets.items():
+        if tensors[key].shape != target.shape:
+            raise ValueError(
+                f"{owner}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(target.shape)}."
+            )
 
 
 def active_after_deletion(owner: str, active: list[str], deleted: str, remaining: list[str]) -> list[str]:
@@ -71,6 +90,7 @@ class OrthoftLayer(nn.Module):
 
     base_layer: nn.Module
     base_kind: BaseLayerKind
+    fan_in_fan_out: bool
     in_features: int
     out_features: int
     # F: the size of the rotation (in_features for Linear, (in/groups)*kh*kw for Conv2d).
@@ -141,10 +161,31 @@ class OrthoftLayer(nn.Module):
         """The adapter's per-output scale ``(out,)``, or ``None`` when it has none."""
         raise NotImplementedError
 
-    # Hooks of the base layer kind (Linear, Conv2d).
+    # Hooks of the base layer family (linear, conv2d, embedding).
+    # What fan_in_fan_out=True is, for the error when a base layer does not store its weight as (in, out).
+    fan_in_fan_out_error = "applies to Conv1D layers only"
+
     def _attach_base_layer(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        """Checks and stores ``base_layer``; sets ``in_features``, ``out_features`` and ``filter_size``."""
-        raise NotImplementedError
+        """Checks that the registry has ``base_layer`` in this class's family, stores it and its sizes."""
+        kind = kind_of(base_layer)
+        if kind is None or kind.family != self.family:
+            raise TypeError(
+                f"{self.label} cannot wrap a {type(base_layer).__module__}.{type(base_layer).__qualname__}; "
+                f"supported base layers: {supported_kinds(self.family)}"
+            )
+        if fan_in_fan_out and not kind.fan_in_fan_out:
+            raise ValueError(
+                f"{self.label}: fan_in_fan_out=True {self.fan_in_fan_out_error.format(kind=kind)}"
+            )
+        self.base_layer = base_layer
+        self.base_kind = kind
+        self.fan_in_fan_out = kind.fan_in_fan_out
+        self.in_features, self.out_features = kind.features(base_layer)
+        self.filter_size = self._rotation_size()
+
+    def _rotation_size(self) -> int:
+        """F, the size of the rotation: ``in_features`` unless the family says otherwise."""
+        return self.in_features
 
     def _filter_text(self) -> str:
         """What the rotation size F is, for error messages."""
@@ -311,18 +352,7 @@ class OrthoftLayer(nn.Module):
         """Copies ``tensors`` (keyed as ``adapter_state_dict`` gives them) into the adapter, strictly:
         a missing, unexpected or misshapen key is a ``ValueError`` and changes nothing."""
         targets = self.adapter_state_dict(adapter_name)
-        missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-        if missing or unexpected:
-            raise ValueError(
-                f"{self.label}: adapter {adapter_name!r} tensors do not fit: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
-        for key, target in targets.items():
-            if tensors[key].shape != target.shape:
-                raise ValueError(
-                    f"{self.label}: adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
-                    f"adapter's {tuple(target.shape)}"
-                )
+        check_tensors_fit(f"{self.label}: tensors of adapter {adapter_name!r}", targets, tensors)
         device = self._base_device()
         with torch.no_grad():
             for key, target in targets.items():

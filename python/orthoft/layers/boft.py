@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -60,71 +58,12 @@ class BOFTLinear(BOFTLayer, LinearLayer):
     """``nn.Linear`` with a BOFT adapter: ``y = (x @ R) @ W.T * s + bias``, ``x @ R`` by the butterfly
     operator (no dense ``in x in`` matrix)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        adapter_name: str = "default",
-        layer_name: str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            nn.Linear(in_features, out_features, bias, device, dtype),
-            adapter_name=adapter_name,
-            fan_in_fan_out=False,
-            layer_name=layer_name,
-            options=options,
-        )
-
     def _scale_shape(self) -> tuple[int, int]:
         return (self.out_features, 1)
 
 
 class BOFTConv2d(BOFTLayer, Conv2dLayer):
     """``nn.Conv2d`` with a BOFT adapter on its flattened filters: ``W' = (W_flat @ R^T) * s``, exact."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        adapter_name: str = "default",
-        layer_name: str | None = None,
-        **options: Any,
-    ) -> None:
-        base_layer = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device,
-            dtype,
-        )
-        super().__init__(
-            base_layer,
-            adapter_name=adapter_name,
-            fan_in_fan_out=False,
-            layer_name=layer_name,
-            options=options,
-        )
 
     def _scale_shape(self) -> tuple[int, int]:
         return (1, self.out_channels)

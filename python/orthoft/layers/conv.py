@@ -7,11 +7,12 @@ dilation and groups. With ``R = I`` the output is the base layer's; merged equal
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .base import OrthoftLayer
-from .kinds import kind_of, supported_kinds
 
 
 def _base_attribute(name: str) -> property:
@@ -27,24 +28,51 @@ class Conv2dLayer(OrthoftLayer):
     """
 
     family = "conv2d"
+    fan_in_fan_out_error = "applies to Conv1D layers only, not nn.Conv2d"
 
-    def _attach_base_layer(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        kind = kind_of(base_layer)
-        if kind is None or kind.family != self.family:
-            raise TypeError(
-                f"{self.label} cannot wrap a {type(base_layer).__module__}.{type(base_layer).__qualname__}; "
-                f"supported base layers: {supported_kinds(self.family)}"
-            )
-        if fan_in_fan_out:
-            raise ValueError(
-                f"{self.label}: fan_in_fan_out=True applies to Conv1D layers only, not nn.Conv2d"
-            )
-        self.base_layer = base_layer
-        self.base_kind = kind
-        self.in_features = base_layer.in_channels
-        self.out_features = base_layer.out_channels
-        kh, kw = base_layer.kernel_size
-        self.filter_size = base_layer.in_channels // base_layer.groups * kh * kw
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        adapter_name: str = "default",
+        layer_name: str | None = None,
+        **options: Any,
+    ) -> None:
+        """As ``nn.Conv2d``, with a first adapter ``adapter_name`` of the method's keyword ``options``."""
+        base_layer = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        super().__init__(
+            base_layer,
+            adapter_name=adapter_name,
+            fan_in_fan_out=False,
+            layer_name=layer_name,
+            options=options,
+        )
+
+    def _rotation_size(self) -> int:
+        kh, kw = self.base_layer.kernel_size
+        return self.base_layer.in_channels // self.base_layer.groups * kh * kw
 
     def _filter_text(self) -> str:
         kh, kw = self.kernel_size

@@ -20,7 +20,7 @@ from torch import nn
 from .. import ops
 from .base import OrthoftLayer
 from .boft import BOFTLayer
-from .kinds import BaseLayerKind, kind_of, register_kind, supported_kinds
+from .kinds import BaseLayerKind, register_kind
 from .oft import OFTLayer
 from .options import BOFTOptions, OFTOptions, with_options_signature
 from .rotation import dense_rotation
@@ -41,22 +41,28 @@ class EmbeddingLayer(OrthoftLayer):
 
     family = "embedding"
 
-    def _attach_base_layer(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        kind = kind_of(base_layer)
-        if kind is None or kind.family != self.family:
-            raise TypeError(
-                f"{self.label} cannot wrap a {type(base_layer).__module__}.{type(base_layer).__qualname__}; "
-                f"supported base layers: {supported_kinds(self.family)}"
-            )
-        if fan_in_fan_out:
-            raise ValueError(
-                f"{self.label}: fan_in_fan_out=True applies to Conv1D layers only, not nn.Embedding"
-            )
-        self.base_layer = base_layer
-        self.base_kind = kind
-        self.fan_in_fan_out = False
-        self.in_features, self.out_features = kind.features(base_layer)
-        self.filter_size = self.in_features
+    fan_in_fan_out_error = "applies to Conv1D layers only, not nn.Embedding"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        adapter_name: str = "default",
+        layer_name: str | None = None,
+        **options: Any,
+    ) -> None:
+        """As ``nn.Embedding``, with a first adapter ``adapter_name`` of the method's keyword ``options``."""
+        super().__init__(
+            nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype),
+            adapter_name=adapter_name,
+            fan_in_fan_out=False,
+            layer_name=layer_name,
+            options=options,
+        )
 
     @property
     def num_embeddings(self) -> int:
@@ -109,26 +115,6 @@ class OFTEmbedding(OFTLayer, EmbeddingLayer):
     adapter_parameter_names = ("oft_embedding_R",)
     oft_embedding_R: nn.ModuleDict
 
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        padding_idx: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        adapter_name: str = "default",
-        layer_name: str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype),
-            adapter_name=adapter_name,
-            fan_in_fan_out=False,
-            layer_name=layer_name,
-            options=options,
-        )
-
     def _init_adapter_containers(self) -> None:
         self.oft_embedding_R = nn.ModuleDict()
 
@@ -140,26 +126,6 @@ class OFTEmbedding(OFTLayer, EmbeddingLayer):
 
 class BOFTEmbedding(BOFTLayer, EmbeddingLayer):
     """``nn.Embedding`` with a BOFT adapter on its outputs: ``y = (E[ids] @ R) * s``."""
-
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        padding_idx: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        adapter_name: str = "default",
-        layer_name: str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype),
-            adapter_name=adapter_name,
-            fan_in_fan_out=False,
-            layer_name=layer_name,
-            options=options,
-        )
 
     def _scale_shape(self) -> tuple[int, int]:
         return (1, self.embedding_dim)

@@ -51,7 +51,7 @@ class BaseLayerKind:
     name: str
     family: str
     matches: Callable[[nn.Module], bool]
-    # (in_features, out_features) for the linear family; unused for conv2d, which reads its attributes.
+    # (in_features, out_features), as PEFT names them for the layer.
     features: Callable[[nn.Module], tuple[int, int]] = lambda module: (
         module.in_features,
         module.out_features,
@@ -126,5 +126,6 @@ register_kind(
         name="torch.nn.Conv2d",
         family="conv2d",
         matches=lambda module: isinstance(module, nn.Conv2d),
+        features=lambda module: (module.in_channels, module.out_channels),
     )
 )

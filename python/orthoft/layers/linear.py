@@ -6,12 +6,13 @@ Training never forms the dense ``in x in`` rotation nor a gradient for the froze
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .. import ops
 from .base import OrthoftLayer
-from .kinds import kind_of, supported_kinds
 from .output_scale import scale_output
 
 
@@ -24,25 +25,31 @@ class LinearLayer(OrthoftLayer):
     """
 
     family = "linear"
-    fan_in_fan_out: bool
+    fan_in_fan_out_error = (
+        "does not fit an nn.Linear ({kind.name}), which stores its weight as (out_features, in_features); "
+        "use fan_in_fan_out=False"
+    )
 
-    def _attach_base_layer(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        kind = kind_of(base_layer)
-        if kind is None or kind.family != self.family:
-            raise TypeError(
-                f"{self.label} cannot wrap a {type(base_layer).__module__}.{type(base_layer).__qualname__}; "
-                f"supported base layers: {supported_kinds(self.family)}"
-            )
-        if fan_in_fan_out and not kind.fan_in_fan_out:
-            raise ValueError(
-                f"{self.label}: fan_in_fan_out=True does not fit an nn.Linear ({kind.name}), which stores "
-                "its weight as (out_features, in_features); use fan_in_fan_out=False"
-            )
-        self.base_layer = base_layer
-        self.base_kind = kind
-        self.fan_in_fan_out = kind.fan_in_fan_out
-        self.in_features, self.out_features = kind.features(base_layer)
-        self.filter_size = self.in_features
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        adapter_name: str = "default",
+        layer_name: str | None = None,
+        **options: Any,
+    ) -> None:
+        """As ``nn.Linear``, with a first adapter ``adapter_name`` of the method's keyword ``options``."""
+        super().__init__(
+            nn.Linear(in_features, out_features, bias, device, dtype),
+            adapter_name=adapter_name,
+            fan_in_fan_out=False,
+            layer_name=layer_name,
+            options=options,
+        )
 
     def _filter_text(self) -> str:
         return f"in_features={self.in_features}"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -69,68 +67,9 @@ class OFTLayer(OrthoftLayer):
 class OFTLinear(OFTLayer, LinearLayer):
     """``nn.Linear`` with an OFT adapter: ``y = base(x @ R)``, ``x @ R`` by the butterfly operator."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        adapter_name: str = "default",
-        layer_name: str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            nn.Linear(in_features, out_features, bias, device, dtype),
-            adapter_name=adapter_name,
-            fan_in_fan_out=False,
-            layer_name=layer_name,
-            options=options,
-        )
-
 
 class OFTConv2d(OFTLayer, Conv2dLayer):
     """``nn.Conv2d`` with an OFT adapter on its flattened filters: ``W' = W_flat @ R^T``, exact."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        adapter_name: str = "default",
-        layer_name: str | None = None,
-        **options: Any,
-    ) -> None:
-        base_layer = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device,
-            dtype,
-        )
-        super().__init__(
-            base_layer,
-            adapter_name=adapter_name,
-            fan_in_fan_out=False,
-            layer_name=layer_name,
-            options=options,
-        )
 
 
 # The keyword options show up typed in the signatures (help, editors), from the one declaration.
