@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from orthoft import BOFTConfig, OFTConfig, get_orthoft_model, save_adapter
 from orthoft.config import OrthoftConfig
+
+from tiny_models import tiny_llama_config
 
 STEPS = 4
 BATCH = 8
@@ -30,16 +32,8 @@ CONFIGS: dict[str, OrthoftConfig] = {
 
 
 def build_model(mode: str) -> nn.Module:
-    config = LlamaConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     torch.manual_seed(0)
-    return get_orthoft_model(LlamaForCausalLM(config), CONFIGS[mode])
+    return get_orthoft_model(LlamaForCausalLM(tiny_llama_config()), CONFIGS[mode])
 
 
 def batches() -> list[torch.Tensor]:

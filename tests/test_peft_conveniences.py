@@ -10,31 +10,20 @@ import peft
 import pytest
 import torch
 from peft.tuners.tuners_utils import replicate_layers
-from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification
+from transformers import ResNetConfig, ResNetForImageClassification
 
 from orthoft.adapter_io import load_adapter, save_adapter
 from orthoft.config import BOFTConfig, OFTConfig, OrthoftConfig
 from orthoft.layers import OrthoftLayer
 from orthoft.tuner import get_orthoft_model, merge_and_unload
 
+from tiny_models import tiny_llama
+
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Failed to load the CUDA extension",
     "ignore:Setting boft_n_butterfly_factor to 1",
     "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
 )
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def adapted_paths(model: torch.nn.Module) -> set[str]:

@@ -10,17 +10,19 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from orthoft.adapter_io import load_adapter, save_adapter
 from orthoft.config import OrthoftConfig
 from orthoft.tuner import get_orthoft_model, set_adapter
+
 from peft_interop import (  # noqa: F401 (one_thread: a fixture, used by name)
     one_thread,
     peft_from_pretrained,
     peft_with_several_factors,
     transformers_load_adapter,
 )
+from tiny_models import tiny_llama as _tiny_llama
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -59,19 +61,7 @@ CASES: dict[str, dict[str, object]] = {
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return _tiny_llama(max_position_embeddings=32, attention_bias=True, mlp_bias=True)
 
 
 def tokens() -> torch.Tensor:

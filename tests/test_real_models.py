@@ -24,7 +24,6 @@ from torch.nn import functional as F
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     ResNetConfig,
     ResNetForImageClassification,
@@ -36,11 +35,13 @@ from orthoft.adapter_io import load_adapter, save_adapter
 from orthoft.config import OrthoftConfig
 from orthoft.layers import OFTConv2d, OrthoftLayer
 from orthoft.tuner import get_orthoft_model, merge_and_unload
+
 from peft_interop import (  # noqa: F401 (one_thread: a fixture, used by name)
     one_thread,
     peft_from_pretrained,
     peft_with_several_factors,
 )
+from tiny_models import tiny_llama_config
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -119,16 +120,7 @@ DIFFUSION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
 
 CASES = {
     "llama-oft": Case(
-        lambda: LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=64,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
-        ),
+        lambda: LlamaForCausalLM(tiny_llama_config(vocab_size=64)),
         token_batch,
         hf_loss,
         hf_output,

@@ -17,6 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from distributed_train import build_model, train
 from orthoft.adapter_io import adapter_state_dict
+
 from peft_interop import one_thread  # noqa: F401 (a fixture, used by name)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

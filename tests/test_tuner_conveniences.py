@@ -6,24 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from orthoft.config import BOFTConfig, OFTConfig
 from orthoft.layers import OrthoftLayer
 from orthoft.tuner import get_orthoft_model, merge_and_unload, named_orthoft_layers
 
+from tiny_models import tiny_llama as _tiny_llama
+
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return _tiny_llama(vocab_size=64)
 
 
 def test_low_cpu_mem_usage_creates_adapters_on_meta_until_loaded() -> None:
