@@ -10,10 +10,10 @@
 namespace orthoft {
 
 // Prints a tensor's shape as [2, 3, 4].
-struct Shape {
+struct PrintShape {
   const Tensor& t;
 };
-inline std::ostream& operator<<(std::ostream& os, const Shape& s) {
+inline std::ostream& operator<<(std::ostream& os, const PrintShape& s) {
   os << '[';
   for (int64_t d = 0; d < s.t.dim(); ++d) os << (d ? ", " : "") << s.t.size(d);
   return os << ']';
@@ -35,9 +35,9 @@ inline void check_same(const Tensor& a, const char* arg_a, const Tensor& b, cons
 
 inline void check_square_blocks(const Tensor& t, const char* op, const char* arg, int64_t min_dim) {
   STD_TORCH_CHECK(t.dim() >= min_dim, "orthoft.ops.", op, ": ", arg, " must have at least ", min_dim,
-                  " dimensions, got shape ", Shape{t});
+                  " dimensions, got shape ", PrintShape{t});
   STD_TORCH_CHECK(t.size(-1) == t.size(-2) && t.size(-1) > 0, "orthoft.ops.", op, ": ", arg,
-                  " must hold non-empty square blocks in its last two dimensions, got shape ", Shape{t});
+                  " must hold non-empty square blocks in its last two dimensions, got shape ", PrintShape{t});
 }
 
 // blocks: (..., D, b, b)
@@ -70,7 +70,7 @@ inline void check_cayley_backward(const Tensor& grad, const Tensor& skew, const 
   check_same(rotation, "rotation", skew, "skew", "cayley_backward");
   STD_TORCH_CHECK(grad.sizes().equals(skew.sizes()) && rotation.sizes().equals(skew.sizes()),
                   "orthoft.ops.cayley_backward: grad, skew and rotation must have the same shape, got ",
-                  Shape{grad}, ", ", Shape{skew}, " and ", Shape{rotation});
+                  PrintShape{grad}, ", ", PrintShape{skew}, " and ", PrintShape{rotation});
 }
 
 // x: (..., N), rotations: (m, N/b, b, b)
@@ -79,7 +79,7 @@ inline void check_butterfly(const Tensor& x, const Tensor& rotations, int64_t bl
   check_same(x, "x", rotations, "rotations", "butterfly");
   STD_TORCH_CHECK(x.dim() >= 1, "orthoft.ops.butterfly: x must have at least one dimension, got a scalar");
   STD_TORCH_CHECK(rotations.dim() == 4, "orthoft.ops.butterfly: rotations must have shape (m, N/b, b, b), got ",
-                  Shape{rotations});
+                  PrintShape{rotations});
   const int64_t n = x.size(-1);
   const int64_t m = rotations.size(0);
   STD_TORCH_CHECK(block_size > 0 && n % block_size == 0, "orthoft.ops.butterfly: block_size must be a positive ",
@@ -88,7 +88,7 @@ inline void check_butterfly(const Tensor& x, const Tensor& rotations, int64_t bl
                       rotations.size(3) == block_size,
                   "orthoft.ops.butterfly: rotations must have shape (m, ", n / block_size, ", ", block_size, ", ",
                   block_size, ") for x with last dimension ", n, " and block_size ", block_size, ", got ",
-                  Shape{rotations});
+                  PrintShape{rotations});
   STD_TORCH_CHECK(m >= 1 && m <= 30, "orthoft.ops.butterfly: rotations must hold between 1 and 30 butterfly ",
                   "factors in its first dimension, got ", m);
   if (m > 1) {
@@ -106,7 +106,7 @@ inline void check_butterfly_backward(const Tensor& grad, const Tensor& x, const 
   check_butterfly(x, rotations, block_size);
   check_same(grad, "grad", x, "x", "butterfly_backward");
   STD_TORCH_CHECK(grad.sizes().equals(x.sizes()), "orthoft.ops.butterfly_backward: grad must have the shape of x ",
-                  Shape{x}, ", got ", Shape{grad});
+                  PrintShape{x}, ", got ", PrintShape{grad});
   STD_TORCH_CHECK(output_mask.size() == 2, "orthoft.ops.butterfly_backward: output_mask must hold two flags, got ",
                   output_mask.size());
 }

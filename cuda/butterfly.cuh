@@ -9,7 +9,8 @@
 // by the rotation (a shared-memory broadcast: the lanes of a warp share a block), scatter back. Backward
 // keeps every factor's input tile and the gradient tile, sums grad_rotations per CTA in shared memory and
 // writes it once as a per-CTA partial that the host reduces (deterministic). Block sizes other than 2..64
-// (powers of two), or a tile that does not fit in shared memory, take the batched-matmul path of cpp/butterfly.h, factor by factor.
+// (powers of two), or a tile that does not fit in shared memory, take the batched-matmul path of
+// cpp/butterfly.h, factor by factor.
 #pragma once
 
 #include <algorithm>
@@ -26,7 +27,7 @@ constexpr int kThreads = 256;
 
 // Compile-time shape of the work for block size B in accumulation type acc.
 template <typename acc, int B>
-struct Shape {
+struct BlockTraits {
   static_assert(B >= 2 && B % 2 == 0, "the fused kernels take even block sizes");
   static constexpr int H = B / 2;  // a block's entries form two runs of H contiguous columns
   static constexpr int kVec = 16 / static_cast<int>(sizeof(acc));  // values per 16-byte shared access
@@ -74,7 +75,7 @@ __device__ __forceinline__ int entry_col(int t, int base0, int base1) {
 template <typename acc, int B, int ROWS>
 __device__ __forceinline__ void gather(const acc* tile, int ld, int row0, int row_step, int base0, int base1,
                                        acc (&v)[ROWS][B]) {
-  using S = Shape<acc, B>;
+  using S = BlockTraits<acc, B>;
 #pragma unroll
   for (int q = 0; q < ROWS; ++q) {
     const acc* row = tile + (row0 + q * row_step) * ld;
@@ -93,7 +94,7 @@ __device__ __forceinline__ void gather(const acc* tile, int ld, int row0, int ro
 template <typename acc, int B, int ROWS, int COLS>
 __device__ __forceinline__ void scatter(acc* tile, int ld, int row0, int row_step, int base0, int base1, int j0,
                                         const acc (&out)[ROWS][COLS]) {
-  constexpr int W = Shape<acc, B>::kRunVec < COLS ? Shape<acc, B>::kRunVec : COLS;
+  constexpr int W = BlockTraits<acc, B>::kRunVec < COLS ? BlockTraits<acc, B>::kRunVec : COLS;
 #pragma unroll
   for (int q = 0; q < ROWS; ++q) {
     acc* row = tile + (row0 + q * row_step) * ld;
@@ -113,7 +114,7 @@ __device__ __forceinline__ void scatter(acc* tile, int ld, int row0, int row_ste
 // gradient. rot holds this factor's rotations of the tile, [nblk][B][B].
 template <typename acc, int B, bool kTransposed>
 __device__ void apply_factor(const acc* src, acc* dst, const acc* rot, int i, int nblk, int tr, int ld) {
-  using S = Shape<acc, B>;
+  using S = BlockTraits<acc, B>;
   constexpr int ROWS = S::kItemRows;
   const int slots = tr / ROWS;  // consecutive lanes take consecutive rows of one block
   for (int it = threadIdx.x; it < nblk * slots; it += kThreads) {
@@ -215,7 +216,8 @@ __device__ void load_tile(const scalar_t* __restrict__ src, acc* tile, int64_t r
 }
 
 template <typename scalar_t, typename acc>
-__device__ void store_tile(const acc* tile, scalar_t* __restrict__ dst, int64_t row0, int64_t col0, const TileShape& p) {
+__device__ void store_tile(const acc* tile, scalar_t* __restrict__ dst, int64_t row0, int64_t col0,
+                           const TileShape& p) {
   constexpr int VG = 16 / sizeof(scalar_t);
   constexpr int VS = 16 / sizeof(acc);
   const int rows = static_cast<int>(std::min<int64_t>(p.tr, p.rows - row0));
@@ -274,7 +276,7 @@ struct LaunchPlan {
 // Tile shape and grid for block size B, or false when one tile of the smallest height does not fit.
 template <typename scalar_t, int B, typename Kernel>
 bool plan(Kernel kernel, int64_t rows, int64_t n, int m, bool backward, LaunchPlan& out) {
-  using S = Shape<acc_t<scalar_t>, B>;
+  using S = BlockTraits<acc_t<scalar_t>, B>;
   const int64_t chunk = static_cast<int64_t>(B) << (m - 1);
   if (m > 20 || chunk > (1 << 16)) {
     return false;

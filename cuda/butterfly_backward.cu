@@ -11,7 +11,7 @@ namespace {
 // out = the N entries t0 .. t0 + N - 1 of the block in one tile row.
 template <typename acc, int B, int N>
 __device__ __forceinline__ void load_entries(const acc* row, int base0, int base1, int t0, acc (&out)[N]) {
-  using S = Shape<acc, B>;
+  using S = BlockTraits<acc, B>;
   if constexpr (N <= S::H) {  // inside one run: contiguous and aligned to N
     constexpr int W = N < S::kVec ? N : S::kVec;
     const acc* p = row + entry_col<B>(t0, base0, base1);
@@ -52,7 +52,7 @@ __device__ __forceinline__ void reduce_scatter(acc (&v)[NV], int g) {
 template <typename acc, int B>
 __device__ void accumulate_grad_rotations(const acc* in, const acc* gout, acc* dr, int i, int nblk, int tr,
                                           int ld) {
-  using S = Shape<acc, B>;
+  using S = BlockTraits<acc, B>;
   constexpr int N = S::kSub;
   constexpr int G = S::kGroups;
   constexpr int kPer = B / N;  // pieces per block side

@@ -11,10 +11,10 @@
 
 #include "common.h"
 
-#define ORTHOFT_CUDA_CHECK(expr)                                                     \
-  do {                                                                               \
-    const cudaError_t orthoft_error = (expr);                                        \
-    STD_TORCH_CHECK(orthoft_error == cudaSuccess, "orthoft: CUDA error: ", cudaGetErrorString(orthoft_error)); \
+#define ORTHOFT_CUDA_CHECK(expr)                                                                  \
+  do {                                                                                            \
+    const cudaError_t orthoft_error = (expr);                                                     \
+    STD_TORCH_CHECK(orthoft_error == cudaSuccess, "CUDA error: ", cudaGetErrorString(orthoft_error)); \
   } while (0)
 
 namespace orthoft {
@@ -52,7 +52,8 @@ inline int64_t max_dynamic_smem() { return device_attribute(cudaDevAttrMaxShared
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, int64_t bytes) {
   if (bytes > 48 * 1024) {
-    ORTHOFT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    ORTHOFT_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
 }
 
