@@ -1,15 +1,10 @@
-// orthoft._C: importing it registers the torch.ops.orthoft operators; it also reports how it was built.
-#include <pybind11/pybind11.h>
+// orthoft._C: importing it loads this library, whose static initialisers register the torch.ops.orthoft
+// operators. The module itself is empty and uses only the limited Python API, so one build serves every
+// Python from 3.10 on; what the build is for is recorded in orthoft/_build_config.py.
+#include <Python.h>
 
-#include <string>
-
-namespace py = pybind11;
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "orthoft's compiled operators (registered in torch.ops.orthoft) and build configuration";
-  m.attr("torch_version") = ORTHOFT_TORCH_VERSION;
-  m.attr("with_cuda") = static_cast<bool>(ORTHOFT_WITH_CUDA);
-  const std::string cuda_version = ORTHOFT_CUDA_VERSION;
-  m.attr("cuda_version") = cuda_version.empty() ? py::object(py::none()) : py::object(py::str(cuda_version));
-  m.attr("cuda_archs") = ORTHOFT_CUDA_ARCHS;
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "orthoft's compiled operators (torch.ops.orthoft)", -1,
+                               nullptr};
+  return PyModule_Create(&module);
 }

@@ -1,7 +1,7 @@
 // The operator schemas of the orthoft namespace. Kernels register per device in their own files.
-#include <torch/library.h>
+#include "common.h"
 
-TORCH_LIBRARY(orthoft, m) {
+STABLE_TORCH_LIBRARY(orthoft, m) {
   // (..., D, b, b) -> (..., D*b, D*b)
   m.def("block_diag(Tensor blocks) -> Tensor");
   // (..., D*b, D*b) -> (..., D, b, b): the diagonal blocks of grad
@@ -11,5 +11,9 @@ TORCH_LIBRARY(orthoft, m) {
   m.def("cayley_backward(Tensor grad, Tensor skew, Tensor rotation, int num_neumann_terms) -> Tensor");
   // x (..., N) @ M_{m-1} ... M_0 for rotations (m, N/b, b, b)
   m.def("butterfly(Tensor x, Tensor rotations, int block_size) -> Tensor");
-  m.def("butterfly_backward(Tensor grad, Tensor x, Tensor rotations, int block_size) -> (Tensor, Tensor)");
+  // (grad_x, grad_rotations); a gradient whose output_mask flag is false is not computed and comes back
+  // as an empty tensor.
+  m.def(
+      "butterfly_backward(Tensor grad, Tensor x, Tensor rotations, int block_size, bool[2] output_mask) -> "
+      "(Tensor, Tensor)");
 }

@@ -1,9 +1,7 @@
-// Helpers of the CPU Cayley kernels: elimination on one small row-major n x n matrix, and PEFT's
-// Neumann coefficients.
+// Elimination on one small row-major n x n matrix, for the CPU Cayley kernel.
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 namespace orthoft {
 
@@ -30,17 +28,6 @@ void inverse_of_identity_plus(int64_t n, const T* skew, T* work, T* inverse) {
       for (int64_t j = 0; j < n; ++j) inverse[i * n + j] -= factor * inverse[k * n + j];
     }
   }
-}
-
-// PEFT's Cayley-Neumann coefficients of S^0 .. S^j for num_terms series terms.
-inline std::vector<double> neumann_coefficients(int64_t num_terms) {
-  if (num_terms <= 1) return {1.0};
-  if (num_terms == 2) return {1.0, 2.0};
-  const int64_t top = (num_terms < 4 ? 4 : num_terms) - 1;  // 3 terms are computed as 4 by PEFT
-  std::vector<double> c(top + 1, 2.0);
-  c.front() = 1.0;
-  c.back() = 1.0;
-  return c;
 }
 
 }  // namespace orthoft

@@ -4,22 +4,18 @@
 // (threadIdx.x), so every output element is written exactly once, zeros and block entries in the same
 // store; only the b entries of a row's diagonal block are read. Backward: one thread per entry of the
 // (..., D, b, b) result, gathering it from the diagonal blocks of grad through grad's strides.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "checks.h"
-#include "utils.cuh"
+#include "launch.cuh"
 
 namespace orthoft {
 namespace {
 
 using cuda::ceil_div;
-using cuda::Vec;
+using cuda::Pack;
 
 constexpr int kThreads = 256;
 
@@ -38,13 +34,13 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* src = blocks + (mat * n + r) * b;
     scalar_t* dst = out + row * n;
     for (int64_t v = threadIdx.x; v < vecs_per_row; v += blockDim.x) {
-      Vec<scalar_t, V> pack;
+      Pack<scalar_t, V> pack;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const int64_t c = v * V + k - lo;
         pack.val[k] = (c >= 0 && c < b) ? src[c] : scalar_t(0);
       }
-      cuda::store_vec<V>(dst + v * V, pack);
+      cuda::store_pack<V>(dst + v * V, pack);
     }
   }
 }
@@ -66,84 +62,81 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int64_t grid_size(int64_t work_items, int64_t per_block) {
-  return std::min<int64_t>(ceil_div(work_items, per_block), std::numeric_limits<int32_t>::max());
+unsigned grid_size(int64_t work_items, int64_t per_block) {
+  return static_cast<unsigned>(std::min<int64_t>(ceil_div(work_items, per_block), std::numeric_limits<int32_t>::max()));
 }
 
-at::Tensor block_diag_cuda(const at::Tensor& blocks) {
+Tensor block_diag_cuda(const Tensor& blocks) {
   check_block_diag(blocks);
-  TORCH_CHECK(blocks.is_cuda(), "orthoft.ops.block_diag: blocks must be a CUDA tensor, got ", blocks.device());
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(blocks));
+  STD_TORCH_CHECK(blocks.is_cuda(), "orthoft.ops.block_diag: blocks must be a CUDA tensor");
+  const cuda::DeviceScope scope(blocks);
 
-  const at::Tensor src = blocks.contiguous();
+  const Tensor src = torch::stable::contiguous(blocks);
   const int64_t b = src.size(-1);
   const int64_t n = src.size(-3) * b;
-  std::vector<int64_t> out_shape(src.sizes().begin(), src.sizes().end() - 3);
-  out_shape.push_back(n);
-  out_shape.push_back(n);
-  at::Tensor out = at::empty(out_shape, src.options());
+  std::vector<int64_t> out_shape = shape(src);
+  out_shape.resize(out_shape.size() - 3);
+  out_shape.insert(out_shape.end(), {n, n});
+  Tensor out = new_tensor(src, out_shape);
   if (out.numel() == 0) {
     return out;
   }
   const int64_t total_rows = out.numel() / n;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "orthoft_block_diag_cuda", [&] {
+  ORTHOFT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "orthoft_block_diag_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
-    auto launch = [&](auto kernel, int64_t vec) {
+    auto run = [&](auto kernel, int64_t vec) {
       // Threads along a row: the vectors of one row, rounded up to a power of two, at most kThreads.
       int tx = 1;
       while (tx < kThreads && tx < n / vec) {
         tx *= 2;
       }
       const dim3 block(tx, kThreads / tx);
-      kernel<<<grid_size(total_rows, block.y), block, 0, stream>>>(src.const_data_ptr<scalar_t>(),
-                                                                  out.mutable_data_ptr<scalar_t>(), total_rows, n, b);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(kernel, grid_size(total_rows, block.y), block, 0, scope.stream(), src.const_data_ptr<scalar_t>(),
+                   out.mutable_data_ptr<scalar_t>(), total_rows, n, b);
     };
     // A fresh allocation is 16-byte aligned, so rows are too whenever n is a multiple of the vector.
     if (n % kVec == 0) {
-      launch(block_diag_kernel<scalar_t, kVec>, kVec);
+      run(block_diag_kernel<scalar_t, kVec>, kVec);
     } else {
-      launch(block_diag_kernel<scalar_t, 1>, 1);
+      run(block_diag_kernel<scalar_t, 1>, 1);
     }
   });
   return out;
 }
 
-at::Tensor block_diag_backward_cuda(const at::Tensor& grad, int64_t block_size) {
+Tensor block_diag_backward_cuda(const Tensor& grad, int64_t block_size) {
   check_block_diag_backward(grad, block_size);
-  TORCH_CHECK(grad.is_cuda(), "orthoft.ops.block_diag_backward: grad must be a CUDA tensor, got ", grad.device());
-  const at::cuda::OptionalCUDAGuard device_guard(device_of(grad));
+  STD_TORCH_CHECK(grad.is_cuda(), "orthoft.ops.block_diag_backward: grad must be a CUDA tensor");
+  const cuda::DeviceScope scope(grad);
 
   const int64_t n = grad.size(-1);
   const int64_t b = block_size;
   const int64_t num_blocks = n / b;
-  std::vector<int64_t> out_shape(grad.sizes().begin(), grad.sizes().end() - 2);
+  std::vector<int64_t> out_shape = shape(grad);
+  out_shape.resize(out_shape.size() - 2);
   out_shape.insert(out_shape.end(), {num_blocks, b, b});
-  at::Tensor out = at::empty(out_shape, grad.options());
+  Tensor out = new_tensor(grad, out_shape);
   if (out.numel() == 0) {
     return out;
   }
   // A view whenever the batch dimensions collapse (contiguous, expanded, sliced, last two transposed).
-  const at::Tensor g = grad.reshape({-1, n, n});
+  const Tensor g = torch::stable::reshape(grad, {-1, n, n});
   const int64_t total = out.numel();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "orthoft_block_diag_backward_cuda", [&] {
-    block_diag_backward_kernel<scalar_t><<<grid_size(total, kThreads), kThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total, num_blocks, b, g.stride(0),
-        g.stride(1), g.stride(2));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ORTHOFT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "orthoft_block_diag_backward_cuda", [&] {
+    cuda::launch(block_diag_backward_kernel<scalar_t>, grid_size(total, kThreads), kThreads, 0, scope.stream(),
+                 g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total, num_blocks, b, g.stride(0),
+                 g.stride(1), g.stride(2));
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(orthoft, CUDA, m) {
-  m.impl("block_diag", &block_diag_cuda);
-  m.impl("block_diag_backward", &block_diag_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(orthoft, CUDA, m) {
+  m.impl("block_diag", TORCH_BOX(&block_diag_cuda));
+  m.impl("block_diag_backward", TORCH_BOX(&block_diag_backward_cuda));
 }
 
 }  // namespace orthoft

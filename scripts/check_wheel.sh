@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Builds an orthoft wheel from a copy of this tree against the torch of PYTHON, checks what the wheel
-# holds, shows what auditwheel says of it, installs it into a fresh virtual environment with the same
-# torch and runs the test suite against the installed wheel from outside the source tree.
-# Usage: scripts/check_wheel.sh [PYTHON]   (default: .venv/bin/python; TORCH_SPEC overrides the torch
-# installed with the wheel, which defaults to the version PYTHON has)
+# Builds an orthoft wheel from a copy of this tree against the torch of PYTHON and checks it: a
+# cp310-abi3 wheel with the files it needs and no others, whose _C.abi3.so passes abi3audit and takes
+# from torch nothing but its stable C shims (scripts/check_symbols.py); shows what auditwheel says of it;
+# then installs it into a fresh virtual environment with the same torch and runs the test suite against
+# the installed wheel from outside the source tree (scripts/test_wheel.sh).
+# Usage: scripts/check_wheel.sh [PYTHON]   (default: .venv/bin/python)
+#   TORCH_SPEC   the torch installed with the wheel (default: the version PYTHON has)
+#   WHEEL_DIR    a folder to keep the wheel in, for further tests (scripts/test_wheel.sh)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=$(command -v "${1:-$root/.venv/bin/python}")
@@ -38,16 +41,15 @@ wheel=${wheels[0]}
 phase build
 
 echo "== checking $(basename "$wheel")"
-"$python" - "$wheel" "linux_$(uname -m)" "$torch_version" <<'EOF'
+"$python" - "$wheel" "linux_$(uname -m)" "$torch_version" <<'PY'
 import re
 import sys
 import zipfile
 from pathlib import Path
 
 wheel, platform_tag, torch_version = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-python_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
 errors = []
-expected_name = rf"orthoft-[^-]+-{python_tag}-{python_tag}-{platform_tag}\.whl"
+expected_name = rf"orthoft-[^-]+-cp310-abi3-{platform_tag}\.whl"
 if not re.fullmatch(expected_name, wheel.name):
     errors.append(f"file name {wheel.name} does not match {expected_name}")
 with zipfile.ZipFile(wheel) as archive:
@@ -57,71 +59,52 @@ with zipfile.ZipFile(wheel) as archive:
     build_config = archive.read("orthoft/_build_config.py").decode() if "orthoft/_build_config.py" in names else ""
 print("\n".join(f"  {name}" for name in names))
 
-for tag_line in (f"Tag: {python_tag}-{python_tag}-{platform_tag}", "Root-Is-Purelib: false"):
+for tag_line in (f"Tag: cp310-abi3-{platform_tag}", "Root-Is-Purelib: false"):
     if tag_line not in wheel_metadata.splitlines():
         errors.append(f"{dist_info}/WHEEL lacks '{tag_line}'")
-required = [r"orthoft/__init__\.py", r"orthoft/__main__\.py", r"orthoft/_build\.py", r"orthoft/_build_config\.py"]
-required.append(rf"orthoft/_C\.cpython-{sys.version_info.major}{sys.version_info.minor}[^/]*\.so")
-errors += [f"missing {pattern}" for pattern in required if not any(re.fullmatch(pattern, n) for n in names)]
+required = ["orthoft/__init__.py", "orthoft/__main__.py", "orthoft/_build.py", "orthoft/_build_config.py"]
+required.append("orthoft/_C.abi3.so")
+errors += [f"missing {name}" for name in required if name not in names]
 forbidden = {
     "tests": r"(^|/)tests?/|(^|/)test_[^/]*\.py$|(^|/)conftest\.py$",
     "C++/CUDA sources": r"\.(c|cc|cpp|cxx|h|hh|hpp|cu|cuh)$",
     "build files": r"CMakeCache\.txt$|CMakeFiles/|cmake_install\.cmake$|\.ninja|\.(o|obj|a)$|(^|/)build/",
     "caches": r"__pycache__/|\.pyc$",
+    "modules for one Python version": r"\.cpython-[^/]*\.so$",
 }
 for what, pattern in forbidden.items():
     errors += [f"{what} in the wheel: {name}" for name in names if re.search(pattern, name)]
-built_torch = re.search(r'^torch_version: str = "(.*)"$', build_config, re.MULTILINE)
-if built_torch is None or built_torch[1] != torch_version:
-    errors.append(f"_build_config.py does not record torch {torch_version}:\n{build_config}")
+for field, value in (("torch_version", torch_version), ("torch_target", "2.10")):
+    recorded = re.search(rf'^{field}: str = "(.*)"$', build_config, re.MULTILINE)
+    if recorded is None or recorded[1] != value:
+        errors.append(f"_build_config.py does not record {field} {value}:\n{build_config}")
 if errors:
     sys.exit("wheel check failed:\n  " + "\n  ".join(errors))
-print(f"wheel contents OK ({len(names)} files, built for torch {torch_version})")
-EOF
+print(f"wheel contents OK ({len(names)} files, built with torch {torch_version} for torch >= 2.10)")
+PY
 phase contents
 
+echo "== abi3audit, and the symbols _C.abi3.so takes from torch"
+"$python" -m venv "$work/tools"
+"$work/tools/bin/python" -m pip install -q abi3audit auditwheel
+"$work/tools/bin/abi3audit" --strict --report "$wheel"
+mkdir "$work/unpacked"
+"$python" -m zipfile -e "$wheel" "$work/unpacked"
+"$python" "$root/scripts/check_symbols.py" "$work/unpacked/orthoft/_C.abi3.so"
+phase symbols
+
 echo "== auditwheel show (before repair the wheel is linux_*, not manylinux: that is expected)"
-if "$python" -m auditwheel --version >/dev/null 2>&1; then
-  auditwheel=("$python" -m auditwheel)
-else
-  "$python" -m venv "$work/tools"
-  "$work/tools/bin/python" -m pip install -q auditwheel
-  auditwheel=("$work/tools/bin/python" -m auditwheel)
-fi
 # Its exit status is 0 for a readable wheel whatever the tag; torch's libraries, found by soname at run
 # time, are not on its search path and are left out of the report, as the repair leaves them out of wheels.
-"${auditwheel[@]}" show "$wheel"
+"$work/tools/bin/python" -m auditwheel show "$wheel"
 phase audit
 
-echo "== installing the wheel into a fresh virtual environment"
-torch_spec=${TORCH_SPEC:-torch==${torch_version%%+*}}
-"$python" -m venv "$work/venv"
-venv_python=$work/venv/bin/python
-"$venv_python" -m pip install -q "$torch_spec"
-"$venv_python" -m pip install -q "$wheel[test,bench]"
-phase install
+if [ -n "${WHEEL_DIR:-}" ]; then
+  mkdir -p "$WHEEL_DIR"
+  cp "$wheel" "$WHEEL_DIR/"
+fi
 
-echo "== running the tests against the installed wheel"
-# The tests, and the benchmark scripts some of them run, without the package sources beside them.
-mkdir "$work/run"
-cp -r "$root/tests" "$root/benchmarks" "$root/pyproject.toml" "$work/run/"
-cd "$work/run"
-"$venv_python" -m orthoft
-"$venv_python" - <<'EOF'
-import sys
-import sysconfig
-from pathlib import Path
-
-import pytest
-
-exit_code = pytest.main(["-q", "-p", "no:cacheprovider", "tests"])
-# The tests must have used the installed wheel, not a source tree that happened to be importable.
-site_packages = Path(sysconfig.get_paths()["platlib"]).resolve()
-orthoft = sys.modules.get("orthoft")
-if orthoft is None or not Path(orthoft.__file__).resolve().is_relative_to(site_packages):
-    sys.exit(f"the tests imported orthoft from {orthoft and orthoft.__file__}, not from {site_packages}")
-print(f"orthoft under test: {Path(orthoft.__file__).parent}")
-sys.exit(exit_code)
-EOF
+echo "== installing the wheel into a fresh virtual environment and running the tests"
+bash "$root/scripts/test_wheel.sh" "$wheel" "$python" "${TORCH_SPEC:-torch==${torch_version%%+*}}"
 phase tests
 echo "== check_wheel.sh passed"

@@ -13,7 +13,8 @@ pip() { .venv/bin/python -m pip "$@"; }
 
 pip install -q --upgrade pip
 pip install -q "$torch_spec"
-pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
-# The extension must be compiled against the torch it runs with: no build isolation.
+pip install -q "scikit-build-core>=0.11" ninja cmake
+# Built against the torch installed here (its stable-ABI headers), without an isolated build environment
+# that would download another torch.
 pip install -q --no-build-isolation ".[test,bench]"
-.venv/bin/python -c "import orthoft, orthoft._C as c; print('orthoft', orthoft.__version__, 'torch', c.torch_version, 'cuda', c.cuda_version)"
+.venv/bin/python -c "import orthoft; from orthoft import _build_config as c; print('orthoft', orthoft.__version__, 'for torch >=', c.torch_target, 'cuda', c.cuda_version)"

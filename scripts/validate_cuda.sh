@@ -3,7 +3,11 @@
 # installed torch, installs it, runs the whole test suite with the CUDA tests active, runs
 # compute-sanitizer memcheck on the CUDA operator tests, and the CUDA benchmarks.
 # Logs and results go to $OUT_DIR (default /tmp/orthoft-cuda). STEPS selects the steps;
-# WHEEL=path installs that wheel instead of building one; TESTS names the test files (default: tests).
+# TESTS names the test files (default: tests).
+# WHEEL=path installs that wheel instead of building one: the cp310-abi3 CUDA wheel loads in every torch
+# from 2.10 of the same CUDA major, so it can be built on a machine without a GPU, against any CUDA 13
+# torch there, and carried here:
+#   ORTHOFT_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip wheel --no-build-isolation --no-deps -w dist .
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -31,3 +33,12 @@ def device(request: pytest.FixtureRequest) -> str:
     if request.param == "cuda" and not orthoft.cuda_kernels_available():
         pytest.skip("orthoft was built without CUDA kernels")
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Inductor's cache is shared by everything on the machine and does not key compiled graphs by the
+    operator schemas: a graph compiled against another build of orthoft must not be reused."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        yield

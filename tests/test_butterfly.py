@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from orthoft import ops, reference
 
@@ -60,7 +63,7 @@ def test_backward_matches_reference_autograd(
 def test_many_rows_use_several_tiles(device: str) -> None:
     x, rotations = _rand(4, 3, 32, (257,), device)
     grad = torch.randn_like(x)
-    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, 4)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, 4, [True, True])
     want = reference.butterfly_backward(grad, x, rotations, 4)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
@@ -74,7 +77,7 @@ def test_non_contiguous_inputs(device: str) -> None:
     out = ops.butterfly(x_nc, rot_nc, 4)
     torch.testing.assert_close(out, reference.butterfly(x, rotations, 4), rtol=1e-10, atol=1e-12)
     grad = non_contiguous(torch.randn_like(x))
-    got = torch.ops.orthoft.butterfly_backward(grad, x_nc, rot_nc, 4)
+    got = torch.ops.orthoft.butterfly_backward(grad, x_nc, rot_nc, 4, [True, True])
     want = reference.butterfly_backward(grad, x, rotations, 4)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
@@ -101,7 +104,7 @@ def test_low_precision_against_float64(dtype: torch.dtype, device: str) -> None:
     assert out.dtype == dtype
     assert_close_rel(out, reference.butterfly(x.double(), rotations.double(), 8), dtype)
     grad = torch.randn_like(x64).to(dtype)
-    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, 8)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, 8, [True, True])
     want = reference.butterfly_backward(grad.double(), x.double(), rotations.double(), 8)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype
@@ -111,7 +114,7 @@ def test_low_precision_against_float64(dtype: torch.dtype, device: str) -> None:
 def test_empty_rows(device: str) -> None:
     x, rotations = _rand(4, 2, 16, (0,), device)
     assert ops.butterfly(x, rotations, 4).shape == (0, 16)
-    grad_x, grad_rot = torch.ops.orthoft.butterfly_backward(x, x, rotations, 4)
+    grad_x, grad_rot = torch.ops.orthoft.butterfly_backward(x, x, rotations, 4, [True, True])
     assert grad_x.shape == (0, 16)
     torch.testing.assert_close(grad_rot, torch.zeros_like(rotations), rtol=0, atol=0)
 
@@ -129,5 +132,51 @@ def test_opcheck(b: int, m: int, n: int, device: str) -> None:
     torch.library.opcheck(
         torch.ops.orthoft.butterfly.default, (x.requires_grad_(), rotations.requires_grad_(), b)
     )
-    args = (torch.randn_like(x), x.detach(), rotations.detach(), b)
-    torch.library.opcheck(torch.ops.orthoft.butterfly_backward.default, args)
+    for output_mask in ([True, True], [True, False], [False, True]):
+        args = (torch.randn_like(x), x.detach(), rotations.detach(), b, output_mask)
+        torch.library.opcheck(torch.ops.orthoft.butterfly_backward.default, args)
+
+
+@pytest.mark.parametrize(("b", "m", "n"), [(4, 3, 32), (8, 2, 64), (16, 1, 64), (3, 1, 9)])
+@pytest.mark.parametrize("output_mask", [(True, False), (False, True), (True, True)])
+def test_backward_computes_only_the_gradients_asked_for(
+    b: int, m: int, n: int, output_mask: tuple[bool, bool], device: str
+) -> None:
+    x, rotations = _rand(b, m, n, (37,), device)
+    grad = torch.randn_like(x)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, b, list(output_mask))
+    want = reference.butterfly_backward(grad, x, rotations, b)
+    for needed, g, w in zip(output_mask, got, want, strict=True):
+        if needed:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+        else:
+            assert g.shape == (0,) and g.dtype == w.dtype
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("x_grad", "rotations_grad"), [(True, False), (False, True), (True, True)])
+def test_autograd_asks_only_for_the_needed_gradients(x_grad: bool, rotations_grad: bool, device: str) -> None:
+    x, rotations = _rand(4, 3, 32, (5,), device)
+    x.requires_grad_(x_grad)
+    rotations.requires_grad_(rotations_grad)
+    grad = torch.randn_like(x)
+    out = ops.butterfly(x, rotations, 4)
+    with _RecordOps() as recorded:
+        out.backward(grad)
+    masks = [args[4] for func, args in recorded.calls if func == torch.ops.orthoft.butterfly_backward.default]
+    assert masks == [[x_grad, rotations_grad]]
+    want_x, want_rotations = reference.butterfly_backward(grad, x.detach(), rotations.detach(), 4)
+    for needed, got, want in ((x_grad, x.grad, want_x), (rotations_grad, rotations.grad, want_rotations)):
+        if needed:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        else:
+            assert got is None

@@ -86,3 +86,18 @@ def test_opcheck(terms: int, device: str) -> None:
     rot = ops.cayley(skew.detach(), terms)
     args = (torch.randn_like(rot), skew.detach(), rot, terms)
     torch.library.opcheck(torch.ops.orthoft.cayley_backward.default, args)
+
+
+@pytest.mark.parametrize("b", [3, 65, 96])
+@pytest.mark.parametrize("terms", [0, 5])
+def test_block_sizes_off_the_fast_path(b: int, terms: int, device: str) -> None:
+    """b = 3 (its square does not divide a CUDA block of threads; it crashed on the GPU) and b > 64 (the
+    CUDA kernels hand it to the batched-matmul path), forward and backward against the reference."""
+    skew = random_skew(4, b, b, scale=0.3 / b**0.5, device=device)
+    out = ops.cayley(skew, terms)
+    torch.testing.assert_close(out, reference.cayley(skew, terms), rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(skew)
+    got = torch.ops.orthoft.cayley_backward(grad, skew, out, terms)
+    torch.testing.assert_close(got, reference.cayley_backward(grad, skew, out, terms), rtol=1e-9, atol=1e-11)
+    low = ops.cayley(skew.float(), terms)
+    assert_close_rel(low, reference.cayley(skew, terms), torch.float32)

@@ -6,10 +6,10 @@ import torch
 
 from ._build import build_info, check_torch_compatibility
 
-# Before _C: an _C built for another torch fails to load with an undefined symbol.
+# Before _C: a torch older than the stable ABI _C targets fails to load it with an undefined symbol.
 check_torch_compatibility()
 
-from . import _C, ops, reference  # noqa: E402
+from . import _build_config, ops, reference  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .config import BOFTConfig, OFTConfig  # noqa: E402
 from .layers import BOFTConv2d, BOFTEmbedding, BOFTLinear, OFTConv2d, OFTEmbedding, OFTLinear  # noqa: E402
@@ -57,4 +57,4 @@ __all__ = [
 
 def cuda_kernels_available() -> bool:
     """Whether this build holds orthoft's CUDA kernels and a CUDA device can run them."""
-    return bool(_C.with_cuda) and torch.cuda.is_available()
+    return _build_config.with_cuda and torch.cuda.is_available()

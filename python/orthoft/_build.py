@@ -1,8 +1,9 @@
 """What orthoft was built for, and the check that the running torch can load ``orthoft._C``.
 
-CMake records the build in ``orthoft._build_config``. It is read instead of ``_C`` because an ``_C``
-built against another torch does not load at all: it fails with an undefined-symbol error that does not
-say what is wrong or what to install.
+CMake records the build in ``orthoft._build_config``; ``orthoft._C`` itself is an empty limited-API
+module whose loading registers the operators. It is compiled against LibTorch's stable ABI of the
+torch in ``torch_target`` (2.10), so it loads in that torch and every newer one. A build with CUDA
+kernels also needs a CUDA build of torch with the same CUDA major version (the CUDA runtime it links).
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from typing import Any
 import torch
 
 _BUILD_FROM_SOURCE = (
-    "  pip install scikit-build-core pybind11 ninja cmake\n"
+    "  pip install scikit-build-core ninja cmake\n"
     "  pip install --no-build-isolation --no-binary orthoft --force-reinstall --no-deps orthoft"
 )
 
 
-def _series(version: str) -> str:
-    """``2.13`` for torch ``2.13.0+cu130``: the part of the version that ``_C`` depends on."""
-    return ".".join(version.split(".")[:2])
+def _release(version: str) -> tuple[int, int]:
+    """``(2, 13)`` for torch ``2.13.0+cu130`` or ``2.14.0.dev20260101``."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
 
 
 def _wheel_tag(cuda_version: str | None) -> str:
-    """``cu128`` for CUDA 12.8, ``cpu`` without CUDA: the variant in wheel versions and torch index URLs."""
+    """``cu128`` for CUDA 12.8, ``cpu`` without CUDA: the variant in torch index URLs."""
     return "cpu" if cuda_version is None else "cu" + "".join(cuda_version.split(".")[:2])
 
 
@@ -48,9 +50,8 @@ def _arch_list(cuda_archs: str) -> list[str]:
 
 def _incompatibilities(config: ModuleType) -> list[str]:
     problems: list[str] = []
-    needed = _series(config.torch_version)
-    if _series(torch.__version__) != needed:
-        problems.append(f"it was built against torch {config.torch_version} and needs torch {needed}")
+    if _release(torch.__version__) < _release(config.torch_target):
+        problems.append(f"it needs torch {config.torch_target} or newer")
     if config.with_cuda:
         cuda_major = config.cuda_version.split(".")[0]
         if torch.version.cuda is None or torch.version.cuda.split(".")[0] != cuda_major:
@@ -63,27 +64,23 @@ def _incompatibilities(config: ModuleType) -> list[str]:
 def check_torch_compatibility() -> None:
     """Raise an ``ImportError`` saying what to install when the running torch cannot load ``orthoft._C``.
 
-    ``_C`` needs the torch major.minor it was built against and, when it holds CUDA kernels, a CUDA
-    build of torch with the same CUDA major version. A build without CUDA kernels runs with either.
+    ``_C`` needs torch ``torch_target`` (2.10) or newer and, when it holds CUDA kernels, a CUDA build of
+    torch with the same CUDA major version. A build without CUDA kernels runs with either variant.
     """
     config = _build_config()
     problems = _incompatibilities(config)
     if not problems:
         return
-    torch_install = f'pip install "torch=={_series(config.torch_version)}.*"'
+    torch_install = f'pip install "torch>={config.torch_target}"'
     if config.with_cuda:
         torch_install += f" --index-url https://download.pytorch.org/whl/{_wheel_tag(config.cuda_version)}"
     found_cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
-    wheel_version = (
-        f"{config.version.split('+')[0]}+{_wheel_tag(torch.version.cuda)}torch{_series(torch.__version__)}"
-    )
     raise ImportError(
         f"orthoft {config.version} cannot run with the torch found here: {'; '.join(problems)}.\n"
         f"Found: torch {torch.__version__} ({found_cuda}) in {torch.__path__[0]}\n"
-        f"Install the torch this orthoft needs:\n  {torch_install}\n"
-        f"or the orthoft wheel built for the torch found here (version {wheel_version}; the wheel for "
-        f"PyPI's default torch has no '+' suffix), or build orthoft from source against it:\n"
-        f"{_BUILD_FROM_SOURCE}"
+        f"Install a torch this orthoft runs with:\n  {torch_install}\n"
+        f"or the orthoft wheel of the torch variant found here ({_wheel_tag(torch.version.cuda)}), or "
+        f"build orthoft from source against it:\n{_BUILD_FROM_SOURCE}"
     )
 
 
@@ -119,6 +116,7 @@ def build_info() -> dict[str, Any]:
     gpu, kernels_usable = _gpu(config)
     return {
         "orthoft": config.version,
+        "torch_target": config.torch_target,
         "torch_built": config.torch_version,
         "torch_running": str(torch.__version__),
         "cuda_built": config.cuda_version,

@@ -5,31 +5,38 @@ The schemas and the CPU/CUDA kernels are registered by the compiled module ``ort
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from . import _C, reference
+from . import _C, _build_config, _checks, reference  # noqa: F401  (_C registers the operators)
 
 _OPS = ("block_diag", "block_diag_backward", "cayley", "cayley_backward", "butterfly", "butterfly_backward")
 
+_check = _checks.torch_check
 
-# Fake kernels: shapes only, for torch.compile and FakeTensor tracing.
+
+# Fake kernels: shapes only, for torch.compile and FakeTensor tracing, after the kernels' own checks.
 @torch.library.register_fake("orthoft::block_diag")
 def _block_diag_fake(blocks: torch.Tensor) -> torch.Tensor:
+    _checks.block_diag(_check, blocks)
     *batch, d, b, _ = blocks.shape
     return blocks.new_empty((*batch, d * b, d * b))
 
 
 @torch.library.register_fake("orthoft::block_diag_backward")
 def _block_diag_backward_fake(grad: torch.Tensor, block_size: int) -> torch.Tensor:
+    _checks.block_diag_backward(_check, grad, block_size)
     *batch, n, _ = grad.shape
     return grad.new_empty((*batch, n // block_size, block_size, block_size))
 
 
 @torch.library.register_fake("orthoft::cayley")
 def _cayley_fake(skew: torch.Tensor, num_neumann_terms: int = 0) -> torch.Tensor:
+    _checks.cayley(_check, skew, num_neumann_terms)
     return torch.empty_like(skew, memory_format=torch.contiguous_format)
 
 
@@ -37,25 +44,31 @@ def _cayley_fake(skew: torch.Tensor, num_neumann_terms: int = 0) -> torch.Tensor
 def _cayley_backward_fake(
     grad: torch.Tensor, skew: torch.Tensor, rotation: torch.Tensor, num_neumann_terms: int
 ) -> torch.Tensor:
+    _checks.cayley_backward(_check, grad, skew, rotation, num_neumann_terms)
     return torch.empty_like(skew, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("orthoft::butterfly")
 def _butterfly_fake(x: torch.Tensor, rotations: torch.Tensor, block_size: int) -> torch.Tensor:
+    _checks.butterfly(_check, x, rotations, block_size)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("orthoft::butterfly_backward")
 def _butterfly_backward_fake(
-    grad: torch.Tensor, x: torch.Tensor, rotations: torch.Tensor, block_size: int
+    grad: torch.Tensor, x: torch.Tensor, rotations: torch.Tensor, block_size: int, output_mask: Sequence[bool]
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _checks.butterfly_backward(_check, grad, x, rotations, block_size, output_mask)
+    need_x, need_rotations = output_mask
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(rotations, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
+        torch.empty_like(rotations, memory_format=torch.contiguous_format)
+        if need_rotations
+        else rotations.new_empty(0),
     )
 
 
-# Autograd: each backward is an operator of its own.
+# Autograd: each backward is an operator of its own, asked only for the gradients autograd needs.
 def _block_diag_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     ctx.block_size = inputs[0].shape[-1]
 
@@ -81,10 +94,15 @@ def _butterfly_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) ->
     ctx.save_for_backward(x, rotations)
 
 
-def _butterfly_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+def _butterfly_backward(
+    ctx: Any, grad: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
     x, rotations = ctx.saved_tensors
-    grad_x, grad_rotations = torch.ops.orthoft.butterfly_backward.default(grad, x, rotations, ctx.block_size)
-    return grad_x, grad_rotations, None
+    need_x, need_rotations = ctx.needs_input_grad[:2]
+    grad_x, grad_rotations = torch.ops.orthoft.butterfly_backward.default(
+        grad, x, rotations, ctx.block_size, [need_x, need_rotations]
+    )
+    return (grad_x if need_x else None), (grad_rotations if need_rotations else None), None
 
 
 torch.library.register_autograd("orthoft::block_diag", _block_diag_backward, setup_context=_block_diag_setup)
@@ -93,32 +111,30 @@ torch.library.register_autograd("orthoft::butterfly", _butterfly_backward, setup
 
 
 # A build without CUDA kernels still computes the same functions on CUDA tensors, with the reference.
-def _register_cuda_fallback() -> None:
-    warned = False
-
-    def warn_once() -> None:
-        nonlocal warned
-        if not warned:
-            warned = True
-            warnings.warn(
-                "orthoft was built without CUDA kernels; CUDA tensors use the slower pure PyTorch "
-                "reference implementation. Install a CUDA wheel or rebuild with ORTHOFT_CUDA=1.",
-                stacklevel=3,
-            )
-
-    def contiguous(fn: Any) -> Any:
-        def kernel(*args: Any) -> Any:
-            warn_once()
-            out = fn(*args)
-            if isinstance(out, tuple):
-                return tuple(t.contiguous() for t in out)
-            return out.contiguous()
-
-        return kernel
-
-    for name in _OPS:
-        torch.library.register_kernel(f"orthoft::{name}", "cuda", contiguous(getattr(reference, name)))
+@functools.cache
+def _warn_no_cuda_kernels() -> None:
+    warnings.warn(
+        "orthoft was built without CUDA kernels; CUDA tensors use the slower pure PyTorch "
+        "reference implementation. Install a CUDA wheel or rebuild with ORTHOFT_CUDA=1.",
+        stacklevel=4,
+    )
 
 
-if not _C.with_cuda:
-    _register_cuda_fallback()
+def _fallback_kernel(reference_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The kernel that computes one operator with its reference: contiguous outputs, as the kernels give."""
+
+    def kernel(*args: Any) -> Any:
+        _warn_no_cuda_kernels()
+        out = reference_fn(*args)
+        if isinstance(out, tuple):
+            return tuple(t.contiguous() for t in out)
+        return out.contiguous()
+
+    return kernel
+
+
+CUDA_FALLBACKS = {name: _fallback_kernel(getattr(reference, name)) for name in _OPS}
+
+if not _build_config.with_cuda:
+    for _name, _kernel in CUDA_FALLBACKS.items():
+        torch.library.register_kernel(f"orthoft::{_name}", "cuda", _kernel)

@@ -123,9 +123,16 @@ def butterfly(x: torch.Tensor, rotations: torch.Tensor, block_size: int) -> torc
 
 
 def butterfly_backward(
-    grad: torch.Tensor, x: torch.Tensor, rotations: torch.Tensor, block_size: int
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    rotations: torch.Tensor,
+    block_size: int,
+    output_mask: tuple[bool, bool] | list[bool] = (True, True),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``butterfly`` for ``x`` and ``rotations``: back through the factors, M_0 first."""
+    """Gradients of ``butterfly`` for ``x`` and ``rotations``: back through the factors, M_0 first.
+
+    A gradient whose ``output_mask`` flag is false is not computed and comes back as an empty tensor.
+    """
     m, d, b, _ = rotations.shape
     factor_inputs = [x] * m
     for i in reversed(range(1, m)):
@@ -140,7 +147,8 @@ def butterfly_backward(
         g_blocks = torch.einsum("...dc,dkc->...dk", gz, rotations[i]).reshape(g.shape)
         g = torch.empty_like(g_blocks)
         g[..., members] = g_blocks
-    return g, grad_rotations
+    need_x, need_rotations = output_mask
+    return (g if need_x else x.new_empty(0)), (grad_rotations if need_rotations else rotations.new_empty(0))
 
 
 def butterfly_matrix(rotations: torch.Tensor, block_size: int) -> torch.Tensor:
