@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-# The butterfly operator handles at most this many factors.
-MAX_BUTTERFLY_FACTORS = 30
+from .._checks import MAX_FACTORS
+
+# The butterfly operator handles at most this many factors (its checks say so).
+MAX_BUTTERFLY_FACTORS = MAX_FACTORS
 
 # A check returns the normalised value, or the reason (``"must be ..."``) the value is invalid.
 Check = Callable[[Any], "Any | Invalid"]
