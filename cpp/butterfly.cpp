@@ -319,7 +319,7 @@ void run_backward(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t e
 }
 
 // One factor with large float blocks is a batched matrix product over contiguous blocks, which BLAS
-// does faster than the tile loops: (D, rows, b) @ (D, b, b).
+// does faster than the tile loops: (D, rows, b) @ (D, b, b), through torch's dispatcher (butterfly.h).
 bool use_batched_gemm(const Tensor& x, const Tiling& p) {
   return p.m == 1 && p.b >= 16 && (x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double);
 }
@@ -358,11 +358,11 @@ std::tuple<Tensor, Tensor> butterfly_backward_cpu(const Tensor& grad, const Tens
   const bool need_rot = output_mask[1];
   const Tiling p(x, rotations, block_size);
   if (use_batched_gemm(x, p)) return butterfly_backward_by_matmul(grad, x, rotations, block_size, output_mask);
-  Tensor grad_x = new_tensor(x, {0});
-  Tensor grad_rot = new_tensor(rotations, {0});
   const Tensor in = torch::stable::contiguous(x);
   const Tensor g = torch::stable::contiguous(grad);
-  if (need_x) grad_x = new_tensor(in, shape(in));
+  // A gradient not asked for is an empty tensor, as the operator's schema says.
+  Tensor grad_x = new_tensor(in, need_x ? shape(in) : std::vector<int64_t>{0});
+  Tensor grad_rot = new_tensor(rotations, need_rot ? shape(rotations) : std::vector<int64_t>{0});
   const std::vector<int64_t> positions = butterfly_positions(p.b, p.m, p.chunk);
   // Enough parts to keep every thread busy; summed at the end in a fixed order, so the result does
   // not depend on scheduling.
@@ -371,7 +371,6 @@ std::tuple<Tensor, Tensor> butterfly_backward_cpu(const Tensor& grad, const Tens
   const Tensor rot = to_acc_contiguous(rotations);
   const Tensor rot_t = torch::stable::contiguous(torch::stable::transpose(rot, -1, -2));
   const int64_t rot_numel = rotations.numel();
-  if (need_rot) grad_rot = new_tensor(rotations, shape(rotations));
 
   ORTHOFT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "orthoft_butterfly_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
