@@ -15,7 +15,7 @@ import torch
 import orthoft
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SUITES = {"block_diag", "cayley", "butterfly", "layer", "conv"}
+SUITES = {"block_diag", "cayley", "butterfly", "layer", "conv", "model"}
 
 
 def _run(*args: str, out: Path) -> subprocess.CompletedProcess[str]:
