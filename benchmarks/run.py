@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                       # every suite, default sizes, cuda if available
     python benchmarks/run.py --quick --device cpu  # a small subset, a few minutes on two cores
-    python benchmarks/run.py --device cpu --twice  # the recorded CPU run
+    python benchmarks/run.py --device cpu --twice --write-readme   # the recorded CPU run
     python benchmarks/run.py --suites layer --features 1024,4096 --tokens 2048,16384
 
 Prints a markdown table per suite and the targets, and writes ``<stem>.md``, ``<stem>.json`` and
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import agreement
 import report
+import summarize
 import targets
 from cases import DTYPES, Case, Settings, Size, Step, Suite
 from environment import Environment, describe, file_stem
@@ -77,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
         "--twice",
         action="store_true",
         help="run everything twice and report how far the two runs' ratios differ",
+    )
+    parser.add_argument(
+        "--write-readme",
+        action="store_true",
+        help="write the README's benchmark summary from this run's results",
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})"
@@ -190,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         worst = {kind: value for kind, (value, _, _) in agreement.worst(a, b).items()}
         extra = ["## Agreement with the first run", "", *lines, ""]
         path = _write(second, suites, args.out, dtypes, extra, agreement={"first": path.name, **worst})
+    if args.write_readme:
+        summarize.write_readme(path)
+        print(f"wrote the benchmark summary of {summarize.README} from {path.name}")
     return 0
 
 

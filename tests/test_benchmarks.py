@@ -1,5 +1,5 @@
 """The benchmark harness: a smoke run of every suite, the interleaved timing, the memory count, the
-targets' verdicts and the agreement of two runs."""
+targets' verdicts, the agreement of two runs and the README summary."""
 
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def test_every_target_names_cases_that_the_full_run_has() -> None:
                     assert (t.where.suite, t.where.shape, t.where.dtype, name) in cases, (t, name)
 
 
-# Agreement of two runs
+# Agreement of two runs and the README summary
 
 
 def _row(competitor: str, seconds: float, peak: int, suite: str = "layer", baseline: str = "frozen") -> Any:
@@ -283,3 +283,39 @@ def test_agreement_is_the_largest_ratio_disagreement() -> None:
     assert worst["time"][0] == pytest.approx(1.2 / 1.1 - 1)
     assert worst["time"][1][3] == "a" and worst["time"][2] == 2
     assert worst["memory"][0] == 0
+
+
+def test_summary_quotes_the_results_file() -> None:
+    import summarize
+    from suites import layer
+
+    frozen, oft, peft_oft = layer.FROZEN, layer.oft_label(32), layer.peft_oft_label(32)
+    boft, peft_boft = layer.boft_label(8, 4), layer.peft_boft_label(8, 1)
+    rows = [
+        _row(frozen, 0.0463, 1, baseline=frozen),
+        _row(oft, 0.0554, 1, baseline=frozen),
+        _row(peft_oft, 0.0547, 1, baseline=frozen),
+        _row(boft, 0.0706, 1, baseline=frozen),
+        _row(peft_boft, 0.193, 1, baseline=frozen),
+    ]
+    env = {"device": "cpu", "device_name": "X", "threads": 2, "torch": "t", "peft": "p"}
+    env["date"] = "2026-01-02T03:04:05"
+    data = {"environment": env, "results": rows, "targets": ["PASS  x", "MISS  y", "WITHIN NOISE  z"]}
+    assert summarize.summary(data, "stem").splitlines() == [
+        "- `benchmarks/results/stem.*`: X, 2 threads, torch t, peft p, 2026-01-02. Targets: 1 PASS, 1 MISS, "
+        "1 within noise, 0 not measured.",
+        "- One training step of a single layer (s): `OFTLinear` b=32 costs 1.20x the frozen `nn.Linear` "
+        "(PEFT's OFT: 1.18x); `BOFTLinear` b=8, m=4 costs 1.52x, 2.73x faster than PEFT's BOFT with one "
+        "factor (PEFT runs only one factor on CPU).",
+    ]
+    begin, end = summarize.BEGIN, summarize.END
+    readme = f"intro\n{begin}\nold text\n{end}\noutro\n"
+    assert summarize.replace_block(readme, "new") == f"intro\n{begin}\nnew\n{end}\noutro\n"
+    with pytest.raises(ValueError, match="one pair of markers"):
+        summarize.replace_block("no markers", "new")
+
+
+def test_readme_summary_is_generated_from_the_newest_cpu_results() -> None:
+    import summarize
+
+    assert summarize.main(["--check"]) == 0
