@@ -12,6 +12,7 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -96,7 +97,9 @@ def peft_model(model: nn.Module, method: str, **config: Any) -> nn.Module:
     _use_prebuilt_fast_block_diag_only()
     config_class = {"boft": peft.BOFTConfig, "oft": peft.OFTConfig, "lora": peft.LoraConfig}[method]
     device = next(model.parameters()).device
-    wrapped = peft.get_peft_model(model, config_class(**config))
+    with warnings.catch_warnings():  # transformers' deprecation notice about a name PEFT still calls
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        wrapped = peft.get_peft_model(model, config_class(**config))
     if method == "boft" and config.get("boft_n_butterfly_factor", 1) > 1:
         for module in wrapped.modules():
             if getattr(module, "fbd_cuda_available", True) is False:
