@@ -114,14 +114,15 @@ def _bars(ax: Axes, labels: list[str], ratios: list[Ratio], title: str) -> None:
     ax.set_xscale("log")
     formatter = ticker.FuncFormatter(lambda v, _: f"{v:g}x")
     ax.xaxis.set_major_formatter(formatter)
-    ax.xaxis.set_minor_formatter(formatter if max(values) / min(values) < 30 else ticker.NullFormatter())
+    # Minor tick labels help within a decade or so and collide beyond.
+    span = max(r.high for r in ratios) / min(r.low for r in ratios)
+    ax.xaxis.set_minor_formatter(formatter if span < 8 else ticker.NullFormatter())
     ax.tick_params(axis="x", which="both", labelsize=7)
     ax.set_yticks(ys, labels, fontsize=8)
     ax.invert_yaxis()
-    for y, value in zip(ys, values, strict=True):
-        ax.annotate(
-            f"{value:.2f}x", (value, y), xytext=(3, 0), textcoords="offset points", fontsize=7, va="center"
-        )
+    for y, r in zip(ys, ratios, strict=True):  # the value right of its error bar
+        label = f"{r.value:.2f}x"
+        ax.annotate(label, (r.high, y), (4, 0), textcoords="offset points", fontsize=7, va="center")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", axis="x", alpha=0.3)
 
@@ -161,7 +162,7 @@ def write_plot(path: Path, env: Environment, suites: list[Suite], results: list[
         _bars(time_ax, *_labelled(rows, time_ratio), f"{where}: time {over}")
         labels, peaks = _labelled(rows, memory_ratio)
         if peaks:
-            _bars(memory_ax, labels, peaks, f"{where}: peak memory {over}")
+            _bars(memory_ax, labels, peaks, f"peak memory {over}")
         else:
             memory_ax.set_axis_off()
     fig.suptitle("\n".join(env.header_lines()[:5]), fontsize=8, x=0.01, ha="left")
