@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,16 @@ def ratios(results: list[dict[str, Any]]) -> dict[Key, float]:
     return out
 
 
+def apart(a: float, b: float) -> float:
+    """The larger over the smaller, minus 1; two zeros (a step that allocates nothing) agree."""
+    if a == b:
+        return 0.0
+    return max(a, b) / min(a, b) - 1 if min(a, b) > 0 else math.inf
+
+
 def disagreements(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> dict[Key, float]:
     a, b = ratios(first), ratios(second)
-    return {key: max(a[key], b[key]) / min(a[key], b[key]) - 1 for key in a.keys() & b.keys()}
+    return {key: apart(a[key], b[key]) for key in a.keys() & b.keys()}
 
 
 def worst(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> dict[str, tuple[float, Key, int]]:

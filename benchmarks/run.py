@@ -165,6 +165,10 @@ def _write(
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = file_stem(run.env, dtypes, run.started)
+    for n in itertools.count(2):  # never overwrite a result, even of a run started in the same second
+        if not (out / f"{stem}.json").exists():
+            break
+        stem = f"{file_stem(run.env, dtypes, run.started)}-{n}"
     paths = [out / f"{stem}{suffix}" for suffix in (".md", ".json", ".png")]
     text = report.markdown(run.env, suites, run.results, run.target_lines, extra)
     paths[0].write_text(text)

@@ -96,6 +96,21 @@ def test_smoke_run_writes_table_plot_and_targets(
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
+def test_twice_writes_both_runs_and_their_agreement(tmp_path: Path) -> None:
+    # The butterfly suite has a competitor that allocates nothing: its memory ratio is 0 in both runs.
+    proc = _run(
+        "--smoke", "--device", "cpu", "--threads", "1", "--suites", "butterfly", "--twice", out=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = sorted(
+        tmp_path.glob("*.json"), key=lambda p: json.loads(p.read_text())["environment"]["date"]
+    )
+    data = json.loads(second.read_text())
+    assert data["agreement"]["first"] == first.name
+    assert data["agreement"]["time"] >= 0 and data["agreement"]["memory"] == 0
+    assert "## Agreement with the first run" in second.with_suffix(".md").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 def test_cuda_without_gpu_fails_clearly(tmp_path: Path) -> None:
     proc = _run("--device", "cuda", out=tmp_path)
@@ -277,12 +292,14 @@ def _row(competitor: str, seconds: float, peak: int, suite: str = "layer", basel
 def test_agreement_is_the_largest_ratio_disagreement() -> None:
     import agreement
 
-    first = [_row("frozen", 1.0, 10), _row("a", 1.2, 20), _row("b", 2.0, 30)]
-    second = [_row("frozen", 2.0, 10), _row("a", 2.2, 20), _row("b", 4.2, 30)]  # a: 1.2x vs 1.1x
+    # a: 1.2x vs 1.1x the time of the frozen layer; c allocates nothing, in both runs
+    first = [_row("frozen", 1.0, 10), _row("a", 1.2, 20), _row("b", 2.0, 30), _row("c", 1.0, 0)]
+    second = [_row("frozen", 2.0, 10), _row("a", 2.2, 20), _row("b", 4.2, 30), _row("c", 2.0, 0)]
     worst = agreement.worst(first, second)
     assert worst["time"][0] == pytest.approx(1.2 / 1.1 - 1)
-    assert worst["time"][1][3] == "a" and worst["time"][2] == 2
+    assert worst["time"][1][3] == "a" and worst["time"][2] == 3
     assert worst["memory"][0] == 0
+    assert agreement.apart(0.0, 0.5) == math.inf
 
 
 def test_summary_quotes_the_results_file() -> None:
