@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def markdown(
     suites: list[Suite],
     results: list[Result],
     target_lines: list[str],
-    extra: list[str] = (),  # type: ignore[assignment]
+    extra: Sequence[str] = (),  # sections after the targets
 ) -> str:
     lines = ["# orthoft benchmarks", "", *(f"- {line}" for line in env.header_lines()), "", METHOD, ""]
     for suite in suites:
