@@ -86,7 +86,7 @@ def _header(res: Results, name: str) -> str:
     )
     if res.agreement is not None and "time" in res.agreement:
         text += (
-            f" A second run right after it (`{res.agreement['first'].removesuffix('.json')}`) agrees "
+            f" It and the run just before it (`{res.agreement['first'].removesuffix('.json')}`) agree "
             f"within {100 * res.agreement['time']:.1f}% on every time ratio."
         )
     return text
