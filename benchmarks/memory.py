@@ -1,80 +1,118 @@
-"""Peak memory of one step.
+"""Live memory of one step: what a case holds between steps, and the peak the step adds on top.
 
-CUDA: in process. Build the case (one input set), run a step, ``reset_peak_memory_stats``, run the
-measured step, read ``max_memory_allocated`` and subtract what was allocated before the build.
+Both devices count the bytes of live tensor storages, exactly, as torch's allocator hands them out:
 
-CPU: a fresh process per case, forked from a server that has imported torch, orthoft, peft and the
-suites and run nothing. It builds the case, runs two steps and reports its own peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``); the result is the increase over idle processes from the same
-server that only warm up torch. ``RUSAGE_CHILDREN`` is not used: it keeps the largest child so far,
-not the last one.
+- CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` (live blocks, not the cache).
+- CPU: torch's CPU allocator reports every allocation and free, with its size, to the profiler when
+  ``profile_memory=True``. Summing those reports in time order gives the live bytes after each one;
+  its maximum is the live peak, as if every freed block went back to the system at once. Memory that
+  BLAS or OpenMP allocate behind torch's back is not counted (a few MiB of workspace at most), nor
+  is anything that existed before the measurement started.
 
-Both count everything the case holds at its peak: inputs, weights, adapters, activations kept for
-backward, gradients and temporaries.
+The case is built inside the measurement, then runs one warm-up step (lazily created state, the
+optimizer's moments) and the measured step. ``held`` is what is live when the measured step starts
+(weights, adapters, inputs, optimizer state); ``peak`` is the step's live peak above ``held``
+(activations kept for backward, gradients, temporaries, the optimizer's work).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import multiprocessing
-import resource
-import statistics
+import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from cases import DTYPES, Case, Step
-from suites import SUITES
+from cases import Step
 
-_IDLE_PROBES = 3
-_PRELOAD = ["torch", "orthoft", "peft", "memory", "suites"]  # a missing module is skipped
+_MEASURED_STEP = "orthoft-benchmarks: measured step"
+_CPU = torch.autograd.DeviceType.CPU
 
 
-def cuda_peak_bytes(build: Callable[[], Step], device: torch.device) -> int:
+@dataclass(frozen=True)
+class Memory:
+    held_bytes: int
+    peak_bytes: int
+
+
+def measure_memory(build: Callable[[], Step], device: torch.device) -> Memory:
     gc.collect()
+    if device.type == "cuda":
+        return _cuda_memory(build, device)
+    return _cpu_memory(build)
+
+
+def _cuda_memory(build: Callable[[], Step], device: torch.device) -> Memory:
     torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
     step = build()
-    step(0)  # lazily created state (cuBLAS workspaces, cached index maps) belongs to every later step
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
     step(0)
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
     del step
     gc.collect()
     torch.cuda.empty_cache()
-    return peak
+    return Memory(held_bytes=start - before, peak_bytes=peak - start)
 
 
-def _warm_up_torch() -> None:
-    """Create the thread pool and autograd engine that every case needs, idle probes included."""
-    x = torch.randn(64, 64, requires_grad=True)
-    (x @ x).sum().backward()
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Hides the lines the profiler prints when it starts and stops; nothing else runs inside."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _probe(job: tuple[int, tuple[str, dict[str, Any], str] | None]) -> int:
-    """Runs in a fresh child: peak RSS in bytes of one case (``None``: of an idle process)."""
-    threads, case = job
-    torch.set_num_threads(threads)
-    _warm_up_torch()
-    if case is not None:
-        suite_name, spec, dtype = case
-        step = SUITES[suite_name].build(spec, torch.device("cpu"), DTYPES[dtype], False)
+def _cpu_memory(build: Callable[[], Step]) -> Memory:
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        profiler.start()
+    try:
+        step = build()
         step(0)
-        step(1)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        with record_function(_MEASURED_STEP):
+            step(1)
+        del step
+    finally:
+        with _quiet_stderr():
+            profiler.stop()
+    return held_and_peak(profiler)
 
 
-def cpu_peak_bytes(cases: list[Case], workers: int, threads: int) -> Iterator[tuple[Case, int]]:
-    """Yields each case, in order, with its peak RSS increase in bytes."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
-    with context.Pool(workers, maxtasksperchild=1) as pool:
-        idle = statistics.median(pool.map(_probe, [(threads, None)] * _IDLE_PROBES))
-        jobs = [(threads, (case.suite, case.spec, case.dtype)) for case in cases]
-        for case, peak in zip(cases, pool.imap(_probe, jobs), strict=True):
-            # RSS differs by a few hundred KiB between identical processes: below zero means none seen.
-            yield case, max(0, int(peak - idle))
+def held_and_peak(profiler: profile) -> Memory:
+    """Live bytes when the marked step starts, and the step's live peak above that."""
+    events = profiler.profiler.kineto_results.events()  # type: ignore[union-attr]
+    marks = [e for e in events if e.name() == _MEASURED_STEP]
+    if len(marks) != 1:
+        raise RuntimeError(f"expected one {_MEASURED_STEP!r} range in the profile, found {len(marks)}")
+    begin, end = marks[0].start_ns(), marks[0].start_ns() + marks[0].duration_ns()
+    changes = sorted(
+        ((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == _CPU),
+        key=lambda change: change[0],  # stable: simultaneous reports keep the order they were made in
+    )
+    live = 0
+    held: int | None = None
+    peak = 0
+    for time_ns, nbytes in changes:
+        if time_ns > end:
+            break
+        if held is None and time_ns >= begin:
+            held = peak = live
+        live += nbytes
+        if held is not None:
+            peak = max(peak, live)
+    if held is None:  # the step allocated nothing
+        held = peak = live
+    return Memory(held_bytes=held, peak_bytes=peak - held)

@@ -12,6 +12,7 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -86,8 +87,8 @@ class _OneLayer(nn.Module):
         return self.layer(x)
 
 
-def peft_wrapped(layer: nn.Module, method: str, **config: Any) -> nn.Module:
-    """PEFT's adapter layer around ``layer``, built by ``get_peft_model`` as a user would.
+def peft_model(model: nn.Module, method: str, **config: Any) -> nn.Module:
+    """PEFT's adapters on ``model``, in place, by ``get_peft_model`` as a user would.
 
     ``method`` is ``"boft"``, ``"oft"`` or ``"lora"``; ``config`` holds that config's fields.
     """
@@ -95,9 +96,20 @@ def peft_wrapped(layer: nn.Module, method: str, **config: Any) -> nn.Module:
 
     _use_prebuilt_fast_block_diag_only()
     config_class = {"boft": peft.BOFTConfig, "oft": peft.OFTConfig, "lora": peft.LoraConfig}[method]
-    device = layer.weight.device
-    model = peft.get_peft_model(_OneLayer(layer), config_class(target_modules=["layer"], **config))
-    wrapped = model.base_model.model.layer
-    if method == "boft" and config.get("boft_n_butterfly_factor", 1) > 1 and not wrapped.fbd_cuda_available:
-        raise RuntimeError("PEFT's BOFT fell back to one butterfly factor; check peft_boft_skip first")
+    device = next(model.parameters()).device
+    with warnings.catch_warnings():  # transformers' deprecation notice about a name PEFT still calls
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        wrapped = peft.get_peft_model(model, config_class(**config))
+    if method == "boft" and config.get("boft_n_butterfly_factor", 1) > 1:
+        for module in wrapped.modules():
+            if getattr(module, "fbd_cuda_available", True) is False:
+                raise RuntimeError(
+                    "PEFT's BOFT fell back to one butterfly factor; check peft_boft_skip first"
+                )
     return wrapped.to(device)  # PEFT leaves BOFT's permutation buffer on the CPU
+
+
+def peft_wrapped(layer: nn.Module, method: str, **config: Any) -> nn.Module:
+    """PEFT's adapter layer around ``layer`` (see ``peft_model``)."""
+    model = peft_model(_OneLayer(layer), method, target_modules=["layer"], **config)
+    return model.base_model.model.layer

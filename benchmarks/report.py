@@ -1,26 +1,31 @@
-"""The outputs of a run: markdown tables, the raw numbers as JSON, and a PNG plot of the ratios."""
+"""The outputs of a run: markdown tables, the raw numbers as JSON, and bar charts of the ratios."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from matplotlib import colormaps, ticker
+from matplotlib import ticker
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cases import Suite
 from environment import Environment
-from outcomes import Result, baseline_of, ratio
+from outcomes import Ratio, Result, baseline_of, memory_ratio, time_ratio
 
 METHOD = (
-    "Times: median over repeats of one step (forward, backward with a random output gradient, "
-    "zero grads) after warm-up; a repeat runs the step enough times back to back to last a few "
-    "milliseconds (CUDA: timed by CUDA events) and is divided by that count. Operator cases rotate "
-    "several random input sets so that caches do not flatter. Peak memory: the increase, at the step's "
-    "peak, over the process before the case was built (CUDA: max_memory_allocated) or over an idle "
-    "process (CPU: peak RSS of a fresh process that runs the one case); it includes inputs and weights."
+    "Times: the competitors of a shape are timed in interleaved rounds (A B C A B C ...); in each round "
+    "every competitor runs a few repeats of one step (forward, backward with a random output gradient, "
+    "the optimizer step where there is one, zero grads) after warm-up. Reported: the best round's "
+    "median, the spread (worst round median over the best, minus 1) and each ratio over the best round "
+    "medians, with the range of the ratios of the single rounds. Memory: live bytes of tensor storages "
+    "(CUDA: the caching allocator's counters; CPU: every allocation and free torch's allocator reports "
+    "to the profiler, summed in time order). 'peak' is the measured step's live peak above what the "
+    "case holds before it ('held': weights, adapters, inputs, optimizer state), after a warm-up step; "
+    "memory ratios are over the peaks."
 )
 
 
@@ -32,98 +37,134 @@ def _number(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def _ratio_text(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}x"
+def _ratio_text(ratio: Ratio | None) -> str:
+    if ratio is None:
+        return ""
+    if ratio.low == ratio.high:
+        return f"{ratio.value:.2f}x"
+    return f"{ratio.value:.2f}x ({ratio.low:.2f}-{ratio.high:.2f})"
+
+
+def _mib(nbytes: int | None) -> str:
+    return "" if nbytes is None else _number(nbytes / 2**20)
 
 
 def suite_table(suite: Suite, results: list[Result]) -> list[str]:
+    ratio = suite.ratio_header
     header = (
-        f"| shape | competitor | dtype | median ms | time {suite.ratio_header} "
-        f"| peak MiB | memory {suite.ratio_header} |"
+        f"| shape | competitor | dtype | best round ms | spread | time {ratio} (rounds) "
+        f"| peak MiB | held MiB | peak {ratio} |"
     )
-    lines = [f"## {suite.title}", "", header, "|---|---|---|---:|---:|---:|---:|"]
+    lines = [f"## {suite.title}", "", header, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         c = r.case
         if r.timing is None:
-            lines.append(f"| {c.shape} | {c.competitor} | {c.dtype} | {r.note} | | | |")
+            lines.append(f"| {c.shape} | {c.competitor} | {c.dtype} | {r.note} | | | | | |")
             continue
         base = baseline_of(r, results)
-        base_time = None if base is None else base.median_seconds
-        base_peak = None if base is None else base.peak_bytes
-        peak_mib = None if r.peak_bytes is None else r.peak_bytes / 2**20
         cells = [
             c.shape,
             c.competitor,
             c.dtype,
-            _number(r.timing.median * 1e3),
-            _ratio_text(ratio(r.median_seconds, base_time)),
-            _number(peak_mib),
-            _ratio_text(ratio(r.peak_bytes, base_peak)),
+            _number(r.timing.best * 1e3),
+            f"{100 * r.timing.spread:.0f}%",
+            _ratio_text(None if base is None else time_ratio(r, base)),
+            _mib(r.peak_bytes),
+            _mib(None if r.memory is None else r.memory.held_bytes),
+            _ratio_text(None if base is None else memory_ratio(r, base)),
         ]
         lines.append(f"| {' | '.join(cells)} |")
     return [*lines, ""]
 
 
-def markdown(env: Environment, suites: list[Suite], results: list[Result], target_lines: list[str]) -> str:
+def markdown(
+    env: Environment,
+    suites: list[Suite],
+    results: list[Result],
+    target_lines: list[str],
+    extra: Sequence[str] = (),  # sections after the targets
+) -> str:
     lines = ["# orthoft benchmarks", "", *(f"- {line}" for line in env.header_lines()), "", METHOD, ""]
     for suite in suites:
         lines += suite_table(suite, [r for r in results if r.case.suite == suite.name])
     if target_lines:
         lines += ["## Targets", "", *(f"- {line}" for line in target_lines), ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, *extra])
 
 
-def write_json(path: Path, env: Environment, results: list[Result], target_lines: list[str]) -> None:
-    data = {"environment": env.as_dict(), "results": [r.as_dict() for r in results], "targets": target_lines}
+def write_json(
+    path: Path, env: Environment, results: list[Result], target_lines: list[str], **extra: Any
+) -> None:
+    data = {
+        "environment": env.as_dict(),
+        "results": [r.as_dict() for r in results],
+        "targets": target_lines,
+        **extra,
+    }
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-_MARKERS = "osD^vPX*<>"
+def _bars(ax: Axes, labels: list[str], ratios: list[Ratio], title: str) -> None:
+    """Horizontal bars of ratios on a log axis; error bars span the per-round range."""
+    ys = list(range(len(labels)))
+    values = [r.value for r in ratios]
+    errors = [[r.value - r.low for r in ratios], [r.high - r.value for r in ratios]]
+    colors = ["tab:gray" if abs(v - 1) < 1e-9 else "tab:blue" if v < 1 else "tab:orange" for v in values]
+    ax.barh(ys, values, xerr=errors, color=colors, capsize=2, height=0.7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    formatter = ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_major_formatter(formatter)
+    # Minor tick labels help within a decade or so and collide beyond.
+    span = max(r.high for r in ratios) / min(r.low for r in ratios)
+    ax.xaxis.set_minor_formatter(formatter if span < 8 else ticker.NullFormatter())
+    ax.tick_params(axis="x", which="both", labelsize=7)
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.invert_yaxis()
+    for y, r in zip(ys, ratios, strict=True):  # the value right of its error bar
+        label = f"{r.value:.2f}x"
+        ax.annotate(label, (r.high, y), (4, 0), textcoords="offset points", fontsize=7, va="center")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", axis="x", alpha=0.3)
 
 
-def _plot_suite(ax: Axes, suite: Suite, suite_results: list[Result], results: list[Result]) -> None:
-    shapes = list(dict.fromkeys(r.case.shape for r in suite_results))
-    competitors = list(dict.fromkeys(r.case.competitor for r in suite_results))
-    colors = colormaps["tab10" if len(competitors) <= 10 else "tab20"].colors
-    values: list[float] = []
-    for k, competitor in enumerate(competitors):
-        points = []
-        for r in suite_results:
-            base = baseline_of(r, results)
-            value = ratio(r.median_seconds, None if base is None else base.median_seconds)
-            if r.case.competitor == competitor and value is not None:
-                points.append((shapes.index(r.case.shape), value))
-        if not points:
-            continue
-        xs, ys = zip(*points, strict=True)
-        values += ys
-        style = {"color": colors[k % len(colors)], "marker": _MARKERS[k // len(colors) % len(_MARKERS)]}
-        ax.plot(xs, ys, linestyle="-" if len(points) > 1 else "", label=competitor, **style)
-    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
-    ax.set_yscale("log")
-    label = ticker.FuncFormatter(lambda v, _: f"{v:g}x")
-    ax.yaxis.set_major_formatter(label)
-    # Over a decade or so the major ticks alone are too few to read a value from.
-    span = max(values, default=1.0) / min(values, default=1.0)
-    ax.yaxis.set_minor_formatter(label if span < 30 else ticker.NullFormatter())
-    ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.set_xticks(range(len(shapes)), shapes, rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel(f"time {suite.ratio_header}", fontsize=8)
-    ax.set_title(suite.title, fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.grid(True, which="both", axis="y", alpha=0.3)
+def _labelled(rows: list[tuple[Result, Result]], measure: Any) -> tuple[list[str], list[Ratio]]:
+    pairs = [(r.case.competitor, measure(r, base)) for r, base in rows]
+    kept = [(label, ratio) for label, ratio in pairs if ratio is not None and ratio.value > 0]  # log axes
+    return [label for label, _ in kept], [ratio for _, ratio in kept]
+
+
+Panel = tuple[str, str, list[tuple[Result, Result]]]
+
+
+def _panels(suites: list[Suite], results: list[Result]) -> list[Panel]:
+    """(suite and shape, ratio header, [(result, its baseline)]) for each shape with a measured baseline."""
+    out = []
+    for suite in suites:
+        measured = [r for r in results if r.case.suite == suite.name and r.timing is not None]
+        for shape in dict.fromkeys(r.case.shape for r in measured):
+            pairs = [(r, baseline_of(r, results)) for r in measured if r.case.shape == shape]
+            rows = [(r, base) for r, base in pairs if base is not None and base.timing is not None]
+            if rows:
+                out.append((f"{suite.name}, {shape}", suite.ratio_header, rows))
+    return out
 
 
 def write_plot(path: Path, env: Environment, suites: list[Suite], results: list[Result]) -> None:
-    """One panel per suite: each competitor's median time over its baseline's, per shape, log scale."""
-    panels = [(s, [r for r in results if r.case.suite == s.name and r.timing is not None]) for s in suites]
-    panels = [(s, rs) for s, rs in panels if rs]
+    """One row of bar charts per suite and shape: time and peak memory over the baseline's."""
+    panels = _panels(suites, results)
     if not panels:
         return
-    fig = Figure(figsize=(13, 1 + 4.5 * len(panels)), layout="constrained")
+    heights = [1.2 + 0.28 * len(rows) for _, _, rows in panels]
+    fig = Figure(figsize=(14, 1 + sum(heights)), layout="constrained")
     FigureCanvasAgg(fig)  # the Agg backend: files only, no display
-    axes = fig.subplots(len(panels), 1, squeeze=False)
-    for ax, (suite, suite_results) in zip(axes[:, 0], panels, strict=True):
-        _plot_suite(ax, suite, suite_results, results)
+    axes = fig.subplots(len(panels), 2, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for (time_ax, memory_ax), (where, over, rows) in zip(axes, panels, strict=True):
+        _bars(time_ax, *_labelled(rows, time_ratio), f"{where}: time {over}")
+        labels, peaks = _labelled(rows, memory_ratio)
+        if peaks:
+            _bars(memory_ax, labels, peaks, f"peak memory {over}")
+        else:
+            memory_ax.set_axis_off()
     fig.suptitle("\n".join(env.header_lines()[:5]), fontsize=8, x=0.01, ha="left")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)

@@ -1,7 +1,8 @@
 """Benchmarks of orthoft against torch, PEFT and plain layers.
 
     python benchmarks/run.py                       # every suite, default sizes, cuda if available
-    python benchmarks/run.py --quick --device cpu  # a small subset, about two minutes on two cores
+    python benchmarks/run.py --quick --device cpu  # a small subset, a few minutes on two cores
+    python benchmarks/run.py --device cpu --twice --write-readme   # the recorded CPU run
     python benchmarks/run.py --suites layer --features 1024,4096 --tokens 2048,16384
 
 Prints a markdown table per suite and the targets, and writes ``<stem>.md``, ``<stem>.json`` and
@@ -13,23 +14,27 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import os
+import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import agreement
 import report
+import summarize
 import targets
-from cases import DTYPES, Case, Settings, Size
-from environment import describe, file_stem
-from memory import cpu_peak_bytes, cuda_peak_bytes
+from cases import DTYPES, Case, Settings, Size, Step, Suite
+from environment import Environment, describe, file_stem
+from memory import measure_memory
 from outcomes import Result
 from suites import SUITES
-from timing import TimingPolicy, default_policy, measure
+from timing import TimingPolicy, default_policy, measure_interleaved
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+CPU_THREADS = 2  # fixed, so that runs on different machines and days compare
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -59,12 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=_int_list, help="layer: tokens; butterfly: rows of x")
     parser.add_argument("--batch", type=int, help="conv: batch size (default 32 on CUDA, 8 on CPU)")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a small subset (about 2 minutes on a 2-core CPU)")
+    size.add_argument("--quick", action="store_true", help="a small subset (a few minutes on a 2-core CPU)")
     size.add_argument(
         "--smoke", action="store_true", help="the tiniest case of each suite, to check the harness"
     )
-    parser.add_argument("--repeats", type=int, help="timed repeats per case (default 20 on CUDA, 7 on CPU)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 7; --quick 5 on CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help=f"torch CPU threads (default {CPU_THREADS} on CPU, torch's choice on CUDA)",
+    )
+    parser.add_argument(
+        "--twice",
+        action="store_true",
+        help="run everything twice and report how far the two runs' ratios differ",
+    )
+    parser.add_argument(
+        "--write-readme",
+        action="store_true",
+        help="write the README's benchmark summary from this run's results",
+    )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})"
     )
@@ -78,7 +97,7 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sett
             f"built with CUDA {torch.version.cuda}); run with --device cpu"
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for option in ("batch", "repeats", "threads"):
+    for option in ("batch", "rounds", "threads"):
         value = getattr(args, option)
         if value is not None and value <= 0:
             parser.error(f"--{option} must be positive, got {value}")
@@ -88,66 +107,102 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sett
     return Settings(device, size, args.dtype, args.features, args.tokens, args.batch)
 
 
-def _time_cases(cases: list[Case], settings: Settings, policy: TimingPolicy) -> list[Result]:
-    """Times every case in this process; on CUDA also measures its peak memory here."""
-    results = []
-    device = settings.device
-    with tqdm(cases, desc="timing", unit="case", file=sys.stderr) as bar:
-        for case in bar:
-            bar.set_postfix_str(f"{case.suite}: {case.shape}, {case.competitor}")
-            if case.skip:
-                results.append(Result(case, note=f"skipped: {case.skip}"))
-                continue
-            suite, dtype = SUITES[case.suite], DTYPES[case.dtype]
-            try:
-                timing = measure(suite.build(case.spec, device, dtype, True), device, policy)
-                peak = None
-                if device.type == "cuda":
-                    peak = cuda_peak_bytes(
-                        functools.partial(suite.build, case.spec, device, dtype, False), device
-                    )
-            except torch.cuda.OutOfMemoryError:
-                results.append(Result(case, note="failed: out of memory"))
-                torch.cuda.empty_cache()
-                continue
-            results.append(Result(case, timing, peak))
+def _groups(cases: list[Case]) -> list[list[Case]]:
+    """The competitors of each shape, in the suites' order: what one set of interleaved rounds times."""
+    key = lambda c: (c.suite, c.shape, c.dtype)  # noqa: E731
+    return [list(group) for _, group in itertools.groupby(cases, key)]
+
+
+def _measure_group(group: list[Case], device: torch.device, policy: TimingPolicy) -> list[Result]:
+    """Peak memory of each competitor, one at a time, then all of them timed in interleaved rounds."""
+    results = [Result(c, note=f"skipped: {c.skip}" if c.skip else None) for c in group]
+    live = [r for r in results if r.note is None]
+
+    def build(case: Case, rotate: bool) -> Step:
+        return SUITES[case.suite].build(case.spec, device, DTYPES[case.dtype], rotate)
+
+    for r in live:
+        try:
+            r.memory = measure_memory(functools.partial(build, r.case, False), device)
+        except torch.cuda.OutOfMemoryError:
+            r.note = "failed: out of memory"
+            torch.cuda.empty_cache()
+    live = [r for r in live if r.note is None]
+    try:
+        steps = [build(r.case, True) for r in live]
+        for r, timing in zip(live, measure_interleaved(steps, device, policy), strict=True):
+            r.timing = timing
+    except torch.cuda.OutOfMemoryError:
+        for r in live:
+            r.note, r.memory = "failed: out of memory with its competitors built", None
+        torch.cuda.empty_cache()
     return results
 
 
-def _measure_cpu_memory(results: list[Result], threads: int) -> None:
-    measured = [r for r in results if r.timing is not None]
-    workers = min(2, os.cpu_count() or 1)  # RSS peaks do not disturb each other; two halve the wait
-    probes = cpu_peak_bytes([r.case for r in measured], workers, threads)
-    progress = tqdm(probes, desc="memory", unit="case", total=len(measured), file=sys.stderr)
-    for result, (_, peak) in zip(measured, progress, strict=True):
-        result.peak_bytes = peak
+@dataclass
+class Run:
+    env: Environment
+    started: datetime.datetime
+    results: list[Result]
+    target_lines: list[str]
+
+
+def _run(cases: list[Case], settings: Settings, policy: TimingPolicy) -> Run:
+    started = datetime.datetime.now().astimezone()
+    torch.manual_seed(0)
+    results = []
+    groups = _groups(cases)
+    with tqdm(groups, desc="cases", unit="shape", file=sys.stderr) as bar:
+        for group in bar:
+            bar.set_postfix_str(f"{group[0].suite}: {group[0].shape}")
+            results += _measure_group(group, settings.device, policy)
+    device_type = settings.device.type
+    return Run(describe(settings.device, started), started, results, targets.check(results, device_type))
+
+
+def _write(
+    run: Run, suites: list[Suite], out: Path, dtypes: list[str], extra: list[str], **json_extra: object
+) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(run.env, dtypes, run.started)
+    for n in itertools.count(2):  # never overwrite a result, even of a run started in the same second
+        if not (out / f"{stem}.json").exists():
+            break
+        stem = f"{file_stem(run.env, dtypes, run.started)}-{n}"
+    paths = [out / f"{stem}{suffix}" for suffix in (".md", ".json", ".png")]
+    text = report.markdown(run.env, suites, run.results, run.target_lines, extra)
+    paths[0].write_text(text)
+    report.write_json(paths[1], run.env, run.results, run.target_lines, **json_extra)
+    report.write_plot(paths[2], run.env, suites, run.results)
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     settings = _settings(args, parser)
-    now = datetime.datetime.now().astimezone()
-    torch.manual_seed(0)
+    threads = args.threads or (CPU_THREADS if settings.device.type == "cpu" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     suites = [SUITES[name] for name in args.suites]
     cases = [case for suite in suites for case in suite.cases(settings)]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    results = _time_cases(cases, settings, default_policy(settings.device, settings.size, args.repeats))
-    if settings.device.type == "cpu":
-        _measure_cpu_memory(results, torch.get_num_threads())
+    dtypes = sorted({c.dtype for c in cases})
+    policy = default_policy(settings.device, settings.size, args.rounds)
 
-    env = describe(settings.device, now)
-    target_lines = targets.check(results, settings.device.type)
-    text = report.markdown(env, suites, results, target_lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = file_stem(env, sorted({c.dtype for c in cases}), now)
-    paths = [args.out / f"{stem}{suffix}" for suffix in (".md", ".json", ".png")]
-    paths[0].write_text(text)
-    report.write_json(paths[1], env, results, target_lines)
-    report.write_plot(paths[2], env, suites, results)
-    print(text)
-    print("wrote " + ", ".join(str(p) for p in paths))
+    first = _run(cases, settings, policy)
+    path = _write(first, suites, args.out, dtypes, [])
+    if args.twice:
+        second = _run(cases, settings, policy)
+        a, b = ([r.as_dict() for r in run.results] for run in (first, second))
+        lines = agreement.summary_lines(a, b, path.name)
+        worst = {kind: value for kind, (value, _, _) in agreement.worst(a, b).items()}
+        extra = ["## Agreement with the first run", "", *lines, ""]
+        path = _write(second, suites, args.out, dtypes, extra, agreement={"first": path.name, **worst})
+    if args.write_readme:
+        summarize.write_readme(path)
+        print(f"wrote the benchmark summary of {summarize.README} from {path.name}")
     return 0
 
 

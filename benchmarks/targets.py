@@ -1,11 +1,23 @@
-"""The performance targets, checked against a run's medians: PASS, MISS (by how much) or NOT MEASURED."""
+"""The performance targets, checked against one run: PASS, MISS, WITHIN NOISE or NOT MEASURED.
+
+A time target compares two competitors of the same case from the same interleaved rounds. Its
+figure is the ratio of their best round medians; its noise is the range of the per-round ratios.
+It is PASS or MISS only if every round agrees (the whole range lies on one side of the limit),
+otherwise WITHIN NOISE. Memory targets compare exact byte counts, so they have no noise band.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from outcomes import Result
-from suites import block_diag, butterfly, cayley, layer
+from cases import Case
+from outcomes import Ratio, Result, find, memory_ratio, time_ratio
+from suites import block_diag, butterfly, cayley, conv, layer, model
+
+Metric = Literal["time", "memory"]
+
+PASS, MISS, NOISE, NOT_MEASURED = "PASS", "MISS", "WITHIN NOISE", "NOT MEASURED"
 
 
 @dataclass(frozen=True)
@@ -18,69 +30,141 @@ class Where:
 
 @dataclass(frozen=True)
 class Target:
-    """``orthoft_case`` takes at most ``limit`` times ``other`` (``at_most``), or ``other`` takes at
-    least ``limit`` times ``orthoft_case`` (``orthoft_case`` is that much faster)."""
+    """``at_most``: ``orthoft_case`` costs at most ``limit`` times ``other``. Otherwise ``other``
+    takes at least ``limit`` times as long as ``orthoft_case`` (it is that much faster)."""
 
     where: Where
     orthoft_case: str
     other: str
     limit: float
     at_most: bool
+    metric: Metric = "time"
 
     @property
     def description(self) -> str:
+        ours, other, limit = self.orthoft_case, self.other, f"{self.limit:g}x"
+        if self.metric == "memory":
+            if self.limit == 1:
+                return f"{ours} peak memory no larger than {other}'s"
+            return f"{ours} peak memory within {limit} of {other}'s"
+        if self.at_most and self.limit == 1:
+            return f"{ours} no slower than {other}"
         if self.at_most:
-            return f"{self.orthoft_case} within {self.limit:g}x of {self.other}"
+            return f"{ours} within {limit} of {other}"
         if self.limit == 1:
-            return f"{self.orthoft_case} no slower than {self.other}"
-        return f"{self.orthoft_case} at least {self.limit:g}x faster than {self.other}"
+            return f"{ours} faster than {other}"
+        return f"{ours} at least {limit} faster than {other}"
 
 
-def _targets() -> list[Target]:
-    cpu_layer = Where("cpu", "float32", "layer", layer.shape_label(1024, 2048))
+def _cpu(suite: str, shape: str) -> Where:
+    return Where("cpu", "float32", suite, shape)
+
+
+def _cpu_block_diag() -> list[Target]:
+    out = []
+    for d, b in block_diag.SIZES["full"]:
+        where = _cpu("block_diag", block_diag.shape_label(d, b))
+        out.append(Target(where, block_diag.ORTHOFT, block_diag.TORCH, 1.0, at_most=False))
+        if (d * b) ** 2 * 4 >= 16 * 2**20:  # float32 output of 16 MiB or more: the write dominates
+            out.append(Target(where, block_diag.ORTHOFT, block_diag.ZEROS, 1.5, at_most=True))
+    where = _cpu("block_diag", block_diag.shape_label(64, 16))
+    return [*out, Target(where, block_diag.ORTHOFT, block_diag.TORCH, 5.0, at_most=False)]
+
+
+def _cpu_cayley() -> list[Target]:
+    out = []
+    for n, b in cayley.SIZES["full"]:
+        where = _cpu("cayley", cayley.shape_label(n, b))
+        out.append(Target(where, cayley.ORTHOFT_NEUMANN, cayley.PEFT_NEUMANN, 1.0, at_most=True))
+        out.append(Target(where, cayley.ORTHOFT_EXACT, cayley.SOLVE, 2.0, at_most=False))
+    return out
+
+
+def _cpu_layer() -> list[Target]:
+    where = _cpu("layer", layer.shape_label(1024, 2048))
     boft, oft = layer.boft_label(8, 4), layer.oft_label(32)
-    targets = [
-        Target(cpu_layer, boft, layer.FROZEN, 1.5, at_most=True),
-        Target(cpu_layer, boft, layer.peft_boft_label(8, 1), 3.0, at_most=False),
-        Target(cpu_layer, oft, layer.FROZEN, 1.2, at_most=True),
-        Target(cpu_layer, oft, layer.peft_oft_label(32), 1.0, at_most=False),
+    out = [
+        Target(where, boft, layer.FROZEN, 1.4, at_most=True),
+        Target(where, boft, layer.peft_boft_label(8, 1), 3.0, at_most=False),
+        Target(where, oft, layer.FROZEN, 1.2, at_most=True),
+        Target(where, oft, layer.peft_oft_label(32), 1.0, at_most=True),
     ]
-    cpu_block_diag = Where("cpu", "float32", "block_diag", block_diag.shape_label(64, 16))
-    targets.append(Target(cpu_block_diag, block_diag.ORTHOFT, block_diag.TORCH, 5.0, at_most=False))
+    # PEFT runs one butterfly factor on CPU, so only m = 1 has a PEFT counterpart here.
+    boft_grid, oft_grid, _ = layer.COMPETITOR_GRID["full"]
+    pairs = [(layer.boft_label(b, m), layer.peft_boft_label(b, m)) for b, m in boft_grid if m == 1]
+    pairs += [(layer.oft_label(b), layer.peft_oft_label(b)) for b in oft_grid]
+    return out + [Target(where, ours, peft, 1.0, at_most=True, metric="memory") for ours, peft in pairs]
+
+
+def _cpu_conv() -> list[Target]:
+    oft_b, boft_b = conv.OFT_BLOCK_SIZE["full"], conv.BOFT_BLOCK_SIZE["full"]
+    factors = conv.BUTTERFLY_FACTORS["full"]
+    out = []
+    for c_in, c_out, k, size in conv.SHAPES["full"]:
+        where = _cpu("conv", conv.shape_label(c_in, c_out, k, size, conv.DEFAULT_BATCH["cpu"]))
+        for ours in [conv.oft_label(oft_b), *(conv.boft_label(boft_b, m) for m in factors)]:
+            out.append(Target(where, ours, conv.FROZEN, 1.5, at_most=True))
+        pairs = [(conv.oft_label(oft_b), conv.peft_oft_label(oft_b))]
+        pairs.append((conv.boft_label(boft_b, 1), conv.peft_boft_label(boft_b, 1)))
+        out += [Target(where, ours, peft, 1.0, at_most=True, metric="memory") for ours, peft in pairs]
+    return out
+
+
+def _cpu_model() -> list[Target]:
+    where = _cpu("model", model.shape_label(model.DECODERS["full"]["cpu"]))
+    boft = model.orthoft_boft_label(4)
+    return [
+        Target(where, model.ORTHOFT_OFT, model.PEFT_OFT, 1.0, at_most=True),
+        Target(where, model.ORTHOFT_OFT, model.PEFT_OFT, 1.0, at_most=True, metric="memory"),
+        Target(where, boft, model.PEFT_LORA, 1.1, at_most=True),
+        Target(where, boft, model.PEFT_OFT, 1.15, at_most=True, metric="memory"),
+    ]
+
+
+def _cuda() -> list[Target]:
+    out = []
     for d, b in [(32, 32), (256, 16)]:
         where = Where("cuda", "float32", "block_diag", block_diag.shape_label(d, b))
-        targets.append(Target(where, block_diag.ORTHOFT, block_diag.TORCH, 10.0, at_most=False))
-        targets.append(Target(where, block_diag.ORTHOFT, block_diag.ZEROS, 1.3, at_most=True))
+        out.append(Target(where, block_diag.ORTHOFT, block_diag.TORCH, 10.0, at_most=False))
+        out.append(Target(where, block_diag.ORTHOFT, block_diag.ZEROS, 1.3, at_most=True))
     for n, b in [(4096, 16), (512, 64)]:
         where = Where("cuda", "float32", "cayley", cayley.shape_label(n, b))
-        targets.append(Target(where, cayley.ORTHOFT_EXACT, cayley.SOLVE, 5.0, at_most=False))
+        out.append(Target(where, cayley.ORTHOFT_EXACT, cayley.SOLVE, 5.0, at_most=False))
     where = Where("cuda", "bfloat16", "butterfly", butterfly.shape_label(8192, 4096, 8, 4))
-    targets.append(Target(where, butterfly.ORTHOFT, butterfly.FLOOR, 2.0, at_most=True))
-    targets.append(Target(where, butterfly.ORTHOFT, butterfly.PEFT_WAY, 10.0, at_most=False))
-    return targets
+    out.append(Target(where, butterfly.ORTHOFT, butterfly.FLOOR, 2.0, at_most=True))
+    out.append(Target(where, butterfly.ORTHOFT, butterfly.PEFT_WAY, 10.0, at_most=False))
+    return out
 
 
-TARGETS = _targets()
+TARGETS = [*_cpu_block_diag(), *_cpu_cayley(), *_cpu_layer(), *_cpu_conv(), *_cpu_model(), *_cuda()]
 
 
-def _find(results: list[Result], where: Where, competitor: str) -> Result | None:
-    for r in results:
-        c = r.case
-        if (c.suite, c.shape, c.dtype, c.competitor) == (where.suite, where.shape, where.dtype, competitor):
-            return r
-    return None
+def _ratio(target: Target, ours: Result, other: Result) -> Ratio | None:
+    return memory_ratio(ours, other) if target.metric == "memory" else time_ratio(ours, other)
 
 
-def _verdict(target: Target, ours: float, other: float) -> str:
+def verdict(target: Target, ratio: Ratio) -> str:
+    """The line for one measured target; ``ratio`` is ``orthoft_case`` over ``other``."""
+    limit = target.limit
     if target.at_most:
-        ratio = ours / other
-        text = f"{ratio:.2f}x"
-        miss = f", {100 * (ratio / target.limit - 1):.0f}% over" if ratio > target.limit else ""
-    else:
-        ratio = other / ours
-        text = f"{ratio:.2f}x faster"
-        miss = f", {100 * (1 - ratio / target.limit):.0f}% short" if ratio < target.limit else ""
-    return f"{'MISS' if miss else 'PASS'}  {target.description}: {text}{miss}"
+        value, low, high, unit = ratio.value, ratio.low, ratio.high, "x"
+        passed, missed = high <= limit, low > limit
+        shortfall = f"{100 * (value / limit - 1):.0f}% over"
+    else:  # speed-ups: the other's time over ours
+        value, low, high, unit = 1 / ratio.value, 1 / ratio.high, 1 / ratio.low, "x faster"
+        passed, missed = low >= limit, high < limit
+        shortfall = f"{100 * (1 - value / limit):.0f}% short"
+    text = f"{value:.2f}{unit}"
+    if low != high:
+        text += f" (rounds {low:.2f}-{high:.2f}x)"
+    if missed:
+        return f"{MISS}  {target.description}: {text}, {shortfall}"
+    return f"{PASS if passed else NOISE}  {target.description}: {text}"
+
+
+def _not_measured(target: Target, ours: Result | None, other: Result | None) -> str:
+    notes = [f"{r.case.competitor} {r.note}" for r in (ours, other) if r is not None and r.note]
+    return f"{NOT_MEASURED}  {target.description}{': ' + '; '.join(notes) if notes else ''}"
 
 
 def check(results: list[Result], device: str) -> list[str]:
@@ -89,12 +173,9 @@ def check(results: list[Result], device: str) -> list[str]:
     for t in TARGETS:
         if t.where.device != device:
             continue
-        context = f" ({t.where.dtype}, {t.where.shape})"
-        ours, other = _find(results, t.where, t.orthoft_case), _find(results, t.where, t.other)
-        if ours is None or other is None or ours.timing is None or other.timing is None:
-            notes = [f"{r.case.competitor} {r.note}" for r in (ours, other) if r is not None and r.note]
-            why = f": {'; '.join(notes)}" if notes else ""
-            lines.append(f"NOT MEASURED  {t.description}{context}{why}")
-            continue
-        lines.append(_verdict(t, ours.timing.median, other.timing.median) + context)
+        like = Case(t.where.suite, t.where.shape, t.orthoft_case, t.orthoft_case, t.where.dtype)
+        ours, other = find(results, like, t.orthoft_case), find(results, like, t.other)
+        ratio = None if ours is None or other is None else _ratio(t, ours, other)
+        line = _not_measured(t, ours, other) if ratio is None else verdict(t, ratio)
+        lines.append(f"{line} ({t.where.dtype}, {t.where.shape})")
     return lines

@@ -1,9 +1,14 @@
-"""Timing of one step: warm-up, calibrated inner loops, several repeats, median.
+"""Timing of the competitors of one case in interleaved rounds.
+
+Every competitor of a shape is built and warmed up, then timed in rounds, ``A B C A B C ...``: in each
+round every competitor runs a few repeats back to back, each repeat being ``inner`` steps. A
+competitor's figure is its best round's median; its spread is how far its worst round median lies
+above that. Because all competitors run in every round, a disturbance (another process, a frequency
+change) hits them together, and the ratio of two competitors within one round is the side-by-side
+measure that the targets and the report use.
 
 On CUDA each repeat is bracketed by a pair of ``torch.cuda.Event``s on the current stream and the
 device is synchronised before the events are read; on CPU a repeat is timed with ``perf_counter``.
-A repeat runs the step ``inner`` times back to back, so that launch overhead and timer resolution do
-not dominate fast steps, and reports the time of one step.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import gc
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,31 +27,42 @@ from cases import Size, Step
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    repeats: int
-    warmup: int
-    min_repeat_seconds: float  # an inner loop lasts at least this long
-    max_case_seconds: float  # fewer repeats (never under MIN_REPEATS) for slow cases
+    rounds: int
+    warmup_seconds: float  # each competitor runs at least two steps and at least this long before round 1
+    min_repeat_seconds: float  # a repeat runs enough steps to last this long (timer resolution, launches)
+    round_seconds: float  # a competitor's repeats in one round last about this long (at least one repeat)
+    max_repeats: int  # per competitor and round
 
 
-MIN_REPEATS = 3
-
-
-def default_policy(device: torch.device, size: Size, repeats: int | None) -> TimingPolicy:
+def default_policy(device: torch.device, size: Size, rounds: int | None) -> TimingPolicy:
     if size == "smoke":  # checks that the harness works; the numbers mean nothing
-        return TimingPolicy(repeats or MIN_REPEATS, warmup=1, min_repeat_seconds=1e-3, max_case_seconds=0.2)
+        return TimingPolicy(rounds or 2, 0.0, 1e-3, 2e-3, max_repeats=2)
     if device.type == "cuda":
-        return TimingPolicy(repeats or 20, warmup=3, min_repeat_seconds=2e-3, max_case_seconds=1.0)
-    return TimingPolicy(repeats or 7, warmup=2, min_repeat_seconds=2e-2, max_case_seconds=4.0)
+        return TimingPolicy(rounds or 7, 0.2, 2e-3, 5e-2, max_repeats=9)
+    if size == "quick":
+        return TimingPolicy(rounds or 5, 0.2, 2e-2, 0.15, max_repeats=5)
+    return TimingPolicy(rounds or 7, 0.3, 2e-2, 0.25, max_repeats=7)
 
 
 @dataclass(frozen=True)
 class Timing:
-    step_seconds: list[float]  # one entry per repeat: the time of one step
-    inner: int  # steps per repeat (CPU repeats past the case's time limit run fewer)
+    rounds: list[list[float]]  # per round, per repeat: the time of one step in seconds
+    inner: int  # steps per repeat
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.step_seconds)
+    def round_medians(self) -> list[float]:
+        return [statistics.median(r) for r in self.rounds]
+
+    @property
+    def best(self) -> float:
+        """The best round's median time of one step: the figure that is reported."""
+        return min(self.round_medians)
+
+    @property
+    def spread(self) -> float:
+        """The worst round median over the best one, minus 1 (0.05: the rounds lie within 5%)."""
+        medians = self.round_medians
+        return max(medians) / min(medians) - 1
 
 
 def _synchronize(device: torch.device) -> None:
@@ -53,68 +70,73 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _wall_time_per_step(step: Step, device: torch.device, first: int, count: int) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    for i in range(first, first + count):
-        step(i)
-    _synchronize(device)
-    return (time.perf_counter() - start) / count
+class _Runner:
+    """One competitor's step, its running input-set index, and how many steps make a repeat."""
 
+    def __init__(self, step: Step, device: torch.device) -> None:
+        self.step = step
+        self.device = device
+        self.index = 0
+        self.inner = 1
+        self.repeats = 1
 
-def _cuda_repeats(step: Step, device: torch.device, first: int, repeats: int, inner: int) -> list[float]:
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
-    ]
-    i = first
-    for start, end in events:
-        start.record()
-        for _ in range(inner):
-            step(i)
-            i += 1
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) / 1e3 / inner for start, end in events]
+    def run(self, count: int) -> None:
+        for _ in range(count):
+            self.step(self.index)
+            self.index += 1
 
-
-def _cpu_repeats(step: Step, first: int, repeats: int, inner: int, seconds: float) -> list[float]:
-    """Like the CUDA loop, but past ``seconds`` (a busy machine, a bad estimate) repeats shrink to one
-    step and stop once there are MIN_REPEATS of them."""
-    times: list[float] = []
-    i = first
-    deadline = time.perf_counter() + seconds
-    while len(times) < repeats:
+    def wall_seconds_per_step(self, count: int) -> float:
+        _synchronize(self.device)
         start = time.perf_counter()
-        done = 0
-        while done < inner:
-            step(i)
-            i += 1
-            done += 1
-            if time.perf_counter() > deadline:
-                break
-        now = time.perf_counter()
-        times.append((now - start) / done)
-        if now > deadline and len(times) >= MIN_REPEATS:
-            break
-    return times
+        self.run(count)
+        _synchronize(self.device)
+        return (time.perf_counter() - start) / count
+
+    def warm_up_and_calibrate(self, policy: TimingPolicy) -> None:
+        self.wall_seconds_per_step(1)  # lazy initialisation, allocator growth, one-time caches
+        estimate = self.wall_seconds_per_step(1)
+        extra = math.ceil(policy.warmup_seconds / max(estimate, 1e-9))
+        if extra > 0:
+            estimate = min(estimate, self.wall_seconds_per_step(extra))
+        self.inner = max(1, math.ceil(policy.min_repeat_seconds / max(estimate, 1e-9)))
+        repeats = int(policy.round_seconds / max(estimate * self.inner, 1e-9))
+        self.repeats = max(1, min(policy.max_repeats, repeats))
+
+    def time_round(self) -> list[float]:
+        if self.device.type == "cuda":
+            return self._cuda_round()
+        times = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            self.run(self.inner)
+            times.append((time.perf_counter() - start) / self.inner)
+        return times
+
+    def _cuda_round(self) -> list[float]:
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(self.repeats)
+        ]
+        for start, end in events:
+            start.record()
+            self.run(self.inner)
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return [start.elapsed_time(end) / 1e3 / self.inner for start, end in events]
 
 
-def measure(step: Step, device: torch.device, policy: TimingPolicy) -> Timing:
-    """Median time of ``step`` after warm-up; input sets rotate with the running step index."""
-    first_step = _wall_time_per_step(step, device, 0, 1)  # lazy initialisation, allocator growth
-    estimate = first_step
-    if policy.warmup > 1:
-        estimate = _wall_time_per_step(step, device, 1, policy.warmup - 1)
-    inner = max(1, math.ceil(policy.min_repeat_seconds / max(estimate, 1e-9)))
-    repeats = int(policy.max_case_seconds / max(estimate * inner, 1e-9))
-    repeats = max(MIN_REPEATS, min(policy.repeats, repeats))
-    gc.collect()
-    gc.disable()  # a collection inside a repeat would be charged to the step
-    try:
-        if device.type == "cuda":
-            times = _cuda_repeats(step, device, policy.warmup, repeats, inner)
-        else:
-            times = _cpu_repeats(step, policy.warmup, repeats, inner, policy.max_case_seconds)
-    finally:
-        gc.enable()
-    return Timing(times, inner)
+def measure_interleaved(steps: Sequence[Step], device: torch.device, policy: TimingPolicy) -> list[Timing]:
+    """Times ``steps`` (the competitors of one case) in interleaved rounds; one ``Timing`` each, in order."""
+    runners = [_Runner(step, device) for step in steps]
+    for runner in runners:
+        runner.warm_up_and_calibrate(policy)
+    rounds: list[list[list[float]]] = [[] for _ in runners]
+    for _ in range(policy.rounds):
+        gc.collect()
+        gc.disable()  # a collection inside a repeat would be charged to whichever step triggered it
+        try:
+            for runner, times in zip(runners, rounds, strict=True):
+                times.append(runner.time_round())
+        finally:
+            gc.enable()
+    return [Timing(times, runner.inner) for runner, times in zip(runners, rounds, strict=True)]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cases import Suite
-from suites import block_diag, butterfly, cayley, conv, layer
+from suites import block_diag, butterfly, cayley, conv, layer, model
 
 SUITES: dict[str, Suite] = {
-    module.SUITE.name: module.SUITE for module in (block_diag, cayley, butterfly, layer, conv)
+    module.SUITE.name: module.SUITE for module in (block_diag, cayley, butterfly, layer, conv, model)
 }

@@ -29,12 +29,31 @@ def shape_label(in_channels: int, out_channels: int, kernel: int, size: int, bat
     return f"{kernel}x{kernel} {in_channels}->{out_channels} @ {size}x{size}, batch {batch}"
 
 
+DEFAULT_BATCH = {"cpu": 8, "cuda": 32}
+
+
 def _batch(settings: Settings) -> int:
     if settings.batch is not None:
         return settings.batch
     if settings.size == "smoke":
         return 2
-    return 32 if settings.on_cuda else 8
+    return DEFAULT_BATCH[settings.device.type]
+
+
+def oft_label(block_size: int) -> str:
+    return f"OFTConv2d b={block_size}"
+
+
+def boft_label(block_size: int, factors: int) -> str:
+    return f"BOFTConv2d b={block_size} m={factors}"
+
+
+def peft_oft_label(block_size: int) -> str:
+    return f"PEFT OFT b={block_size}"
+
+
+def peft_boft_label(block_size: int, factors: int) -> str:
+    return f"PEFT BOFT b={block_size} m={factors}"
 
 
 def _competitors(settings: Settings) -> list[tuple[str, dict[str, Any], str | None]]:
@@ -43,15 +62,14 @@ def _competitors(settings: Settings) -> list[tuple[str, dict[str, Any], str | No
     factors = BUTTERFLY_FACTORS[settings.size]
     peft_skip = None if peft_version() else PEFT_MISSING
     out: list[tuple[str, dict[str, Any], str | None]] = [(FROZEN, {"kind": "frozen"}, None)]
-    out.append((f"OFTConv2d b={oft_b}", {"kind": "oft", "block_size": oft_b}, None))
+    out.append((oft_label(oft_b), {"kind": "oft", "block_size": oft_b}, None))
     out += [
-        (f"BOFTConv2d b={boft_b} m={m}", {"kind": "boft", "block_size": boft_b, "factors": m}, None)
-        for m in factors
+        (boft_label(boft_b, m), {"kind": "boft", "block_size": boft_b, "factors": m}, None) for m in factors
     ]
-    out.append((f"PEFT OFT b={oft_b}", {"kind": "peft_oft", "block_size": oft_b}, peft_skip))
+    out.append((peft_oft_label(oft_b), {"kind": "peft_oft", "block_size": oft_b}, peft_skip))
     out += [
         (
-            f"PEFT BOFT b={boft_b} m={m}",
+            peft_boft_label(boft_b, m),
             {"kind": "peft_boft", "block_size": boft_b, "factors": m},
             peft_boft_skip(m),
         )
