@@ -1,60 +1,92 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: builds an orthoft wheel with its CUDA kernels against the
-# installed torch, installs it, runs the whole test suite with the CUDA tests active, runs
-# compute-sanitizer memcheck on the CUDA operator tests, and the CUDA benchmarks.
-# Logs and results go to $OUT_DIR (default /tmp/orthoft-cuda). STEPS selects the steps;
-# TESTS names the test files (default: tests).
-# WHEEL=path installs that wheel instead of building one: the cp310-abi3 CUDA wheel loads in every torch
-# from 2.10 of the same CUDA major, so it can be built on a machine without a GPU, against any CUDA 13
-# torch there, and carried here:
-#   ORTHOFT_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip wheel --no-build-isolation --no-deps -w dist .
+# One prepared validation run on a machine with an NVIDIA GPU, sized for one call of at most 10 minutes:
+# install (or build) orthoft with its CUDA kernels, run the whole test suite with the CUDA tests active,
+# compute-sanitizer memcheck and racecheck on the CUDA operator tests, and the benchmarks with
+# --device cuda (operators, layers, convs and the whole-model training step). Every log and result goes
+# to $OUT_DIR (default: $OUT, else /tmp/orthoft-cuda).
+#
+# Without a GPU the same script is a rehearsal: it builds and tests on the CPU, runs the benchmarks on
+# the CPU in --quick size, and says which CUDA steps it skipped, so that a GPU call is not spent on a typo.
+#
+# STEPS selects the steps (default: "install test memcheck racecheck bench"); TESTS names the test files;
+# BENCH_SIZE the benchmark size (default --quick). The time limits add up to under 10 minutes.
+# WHEEL=path installs that wheel instead of building one. The cp310-abi3 CUDA wheel loads in every torch
+# from 2.10 with the same CUDA major, so build it on a machine without a GPU, against a CUDA 13 torch, and
+# carry it (e.g. in dist/, named in the device call's carry list):
+#   ORTHOFT_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 CMAKE_BUILD_PARALLEL_LEVEL=2 \
+#     pip wheel --no-build-isolation --no-deps -w dist .
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
-out=${OUT_DIR:-/tmp/orthoft-cuda}
-steps=${STEPS:-"build test bench memcheck"}
-export ORTHOFT_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
+out=${OUT_DIR:-${OUT:-/tmp/orthoft-cuda}}
+steps=${STEPS:-"install test memcheck racecheck bench"}
+export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 status=0
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-"$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+  device=cuda
+  export ORTHOFT_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+else
+  device=cpu
+  export ORTHOFT_CUDA=0
+  echo "no GPU here: a rehearsal on the CPU; the CUDA-only steps are skipped" | tee "$out/device.txt"
+fi
+"$python" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
+  | tee -a "$out/device.txt"
 
-if [[ $steps == *build* ]]; then
-  start=$SECONDS
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, logs to $out/NAME.log
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  tail -n "${TAIL:-15}" "$out/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - start)) s (limit $limit s)"
+  [ "$rc" -eq 0 ] || status=1
+  return "$rc"
+}
+
+if [[ $steps == *install* ]]; then
   if [ -z "${WHEEL:-}" ]; then
-    "$python" -m pip wheel --no-build-isolation --no-deps -w "$out" . >"$out/build.log" 2>&1 \
-      || { tail -n 60 "$out/build.log"; exit 1; }
+    step build "${BUILD_TIMEOUT:-420}" "$python" -m pip wheel --no-build-isolation --no-deps -w "$out" . || exit 1
     WHEEL=$(ls "$out"/orthoft-*.whl)
   fi
-  "$python" -m pip install --no-deps --force-reinstall "$WHEEL" >>"$out/build.log" 2>&1 \
-    || { tail -n 60 "$out/build.log"; exit 1; }
-  echo "build and install: $((SECONDS - start)) s"
-  "$python" -c "import orthoft; assert orthoft.cuda_kernels_available(), 'no CUDA kernels'; print(orthoft.__file__)" \
-    || exit 1
+  step install 120 "$python" -m pip install --no-deps --force-reinstall "$WHEEL" || exit 1
+  check="import orthoft; print(orthoft.__file__, orthoft.build_info())"
+  [ "$device" = cpu ] || check+="; assert orthoft.cuda_kernels_available(), 'the installed orthoft has no usable CUDA kernels'"
+  "$python" -c "$check" | tee -a "$out/device.txt" || exit 1
 fi
 
 if [[ $steps == *test* ]]; then
-  start=$SECONDS
-  "$python" -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests} >"$out/pytest.log" 2>&1 || status=1
-  tail -n 25 "$out/pytest.log"
-  echo "tests: $((SECONDS - start)) s"
+  # -rs lists every skip: on a GPU, the only skips left should be the few that need something else.
+  step pytest "${TEST_TIMEOUT:-200}" "$python" -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests}
 fi
 
+# The CUDA operator tests under compute-sanitizer; gradcheck/opcheck would take too long there.
+sanitizer_tests=(tests/test_block_diag.py tests/test_cayley.py tests/test_butterfly.py)
+for tool in memcheck racecheck; do
+  [[ $steps == *$tool* ]] || continue
+  if [ "$device" = cpu ]; then
+    echo "== $tool: skipped (no GPU)"
+    continue
+  fi
+  if ! command -v compute-sanitizer >/dev/null; then
+    echo "== $tool: compute-sanitizer is not on this machine" | tee "$out/$tool.log"
+    status=1
+    continue
+  fi
+  step "$tool" "${SANITIZER_TIMEOUT:-90}" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    "$python" -m pytest -q -p no:cacheprovider -x -k "cuda and not gradcheck and not opcheck" "${sanitizer_tests[@]}"
+  if grep -qiE "not supported|unable to|cannot be profiled|device .* is not" "$out/$tool.log"; then
+    echo "== $tool: compute-sanitizer refused this device (see $tool.log)"
+  fi
+done
+
 if [[ $steps == *bench* ]]; then
-  start=$SECONDS
-  timeout ${BENCH_TIMEOUT:-1800} "$python" benchmarks/run.py --device cuda --out "$out" ${BENCH_ARGS:-} >"$out/bench.log" 2>&1 || status=1
-  tail -n 80 "$out/bench.log"
-  echo "benchmarks: $((SECONDS - start)) s"
-fi
-if [[ $steps == *memcheck* ]]; then
-  start=$SECONDS
-  timeout ${MEMCHECK_TIMEOUT:-900} compute-sanitizer --tool memcheck --error-exitcode 3 "$python" -m pytest -q -p no:cacheprovider -x \
-    -k "cuda and not gradcheck and not opcheck" tests/test_block_diag.py tests/test_cayley.py \
-    tests/test_butterfly.py >"$out/memcheck.log" 2>&1 || status=1
-  tail -n 8 "$out/memcheck.log"
-  echo "memcheck: $((SECONDS - start)) s"
+  # --quick: every suite, the whole-model step included, in the size that fits this call.
+  step bench "${BENCH_TIMEOUT:-150}" "$python" benchmarks/run.py --device "$device" --out "$out" ${BENCH_SIZE:---quick} ${BENCH_ARGS:-}
 fi
 
 exit $status
