@@ -3,11 +3,9 @@
 Standalone: ``python benchmarks/qoft_memory.py [--device cpu|cuda] [--out benchmarks/results]``. Every
 case runs in a fresh process on the same randomly initialised model (transformers' ``LlamaForCausalLM``
 from a small config, its decoder linears replaced by ``bnb.nn.Linear4bit``), with the same targets
-(all attention and MLP projections). Two warm-up steps create the optimizer state; the third is measured.
-
-- CUDA: ``max_memory_allocated`` during the step minus what was allocated before it.
-- CPU: the process's resident set sampled every 0.2 ms during the step, peak minus the level before it
-  (freed heap returned to the system first). Sampling can miss a peak shorter than the interval.
+(all attention and MLP projections). A warm-up step creates the optimizer state; the next is measured,
+as the other suites measure memory (``memory.py``): the live bytes of tensor storages, exactly, on CPU
+and CUDA alike; "held" is what is live when the step starts, "step peak" what the step adds on top.
 
 Writes a markdown table with device, versions, command and date to ``--out``.
 """
@@ -15,22 +13,21 @@ Writes a markdown table with device, versions, command and date to ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime
-import gc
 import json
 import platform
 import shlex
 import subprocess
 import sys
-import threading
-import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from cases import Step
+from memory import measure_memory
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL = {
@@ -86,84 +83,37 @@ def adapt(model: nn.Module, case: str) -> nn.Module:
     return peft.get_peft_model(model, config)
 
 
-class _RssSampler:
-    """Peak resident set of this process while running, from /proc/self/statm."""
-
-    def __init__(self) -> None:
-        self._page = 4096
-        self.peak = self.current()
-        self._running = True
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def current(self) -> int:
-        with open("/proc/self/statm") as file:
-            return int(file.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, self.current())
-            time.sleep(0.0002)
-
-    def __enter__(self) -> _RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._running = False
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-
-def _release_free_heap() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def run_case(case: str, device: torch.device) -> dict[str, float | int | str]:
-    model = adapt(quantized_llama(device), case)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    torch.manual_seed(1)
-    ids = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), device=device)
+    facts: dict[str, Any] = {}
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
+    def build() -> Step:
+        model = adapt(quantized_llama(device), case)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        torch.manual_seed(1)
+        ids = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), device=device)
 
-    for _ in range(2):
-        step()
-    optimizer.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        resident = before
-    else:
-        _release_free_heap()
-        with _RssSampler() as sampler:
-            resident = sampler.current()
-            step()
-        peak = sampler.peak - resident
-    seconds = time.perf_counter() - start
-    quantized = sum(
-        p.numel() * p.element_size()
-        for name, p in model.named_parameters()
-        if "weight" in name and p.dtype == torch.uint8
-    )
+        def step(_: int) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+
+        facts["trainable"] = sum(p.numel() for p in trainable)
+        facts["packed"] = sum(
+            p.numel() * p.element_size()
+            for name, p in model.named_parameters()
+            if "weight" in name and p.dtype == torch.uint8
+        )
+        return step
+
+    memory = measure_memory(build, device)
     return {
         "case": case,
-        "step_peak_mib": peak / 2**20,
-        "resident_before_mib": resident / 2**20,
-        "trainable": sum(p.numel() for p in trainable),
-        "packed_4bit_mib": quantized / 2**20,
-        "step_s": seconds,
+        "step_peak_mib": memory.peak_bytes / 2**20,
+        "held_mib": memory.held_bytes / 2**20,
+        "trainable": facts["trainable"],
+        "packed_4bit_mib": facts["packed"] / 2**20,
     }
 
 
@@ -195,22 +145,17 @@ def report(results: list[dict[str, float | int | str]], device: torch.device, co
         "- targets: "
         + ", ".join(TARGETS)
         + "; AdamW; step = zero_grad, forward with loss, backward, optimizer step",
-        "- peak: "
-        + (
-            "max_memory_allocated during the step minus allocated before it"
-            if device.type == "cuda"
-            else "resident set sampled every 0.2 ms during the step, minus the level before it"
-        ),
+        "- memory: live tensor bytes (benchmarks/memory.py); held = live when the step starts, "
+        "step peak = the step's live peak above that",
         "",
-        "| case | step peak (MiB) | resident before step (MiB) | trainable params "
-        "| packed 4-bit weights (MiB) | step (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| case | step peak (MiB) | held (MiB) | trainable params | packed 4-bit weights (MiB) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for result in results:
         lines.append(
             f"| {CASES[str(result['case'])]} | {result['step_peak_mib']:.1f} "
-            f"| {result['resident_before_mib']:.1f} | {result['trainable']:,} "
-            f"| {result['packed_4bit_mib']:.2f} | {result['step_s']:.2f} |"
+            f"| {result['held_mib']:.1f} | {result['trainable']:,} "
+            f"| {result['packed_4bit_mib']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
