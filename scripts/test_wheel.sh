@@ -25,9 +25,9 @@ venv_python=$work/venv/bin/python
 "$venv_python" -m pip install "${pip_args[@]}" "$wheel[test,bench]"
 echo "== $("$venv_python" -c 'import platform, torch; print("Python", platform.python_version(), "torch", torch.__version__)'): installed in $((SECONDS - start)) s"
 
-# The tests, and the benchmark scripts some of them run, without the package sources beside them.
+# The tests, and the benchmark scripts, example and README some of them use, without the package sources.
 mkdir "$work/run"
-cp -r "$root/tests" "$root/benchmarks" "$root/pyproject.toml" "$work/run/"
+cp -r "$root/tests" "$root/benchmarks" "$root/examples" "$root/pyproject.toml" "$root/README.md" "$work/run/"
 cd "$work/run"
 "$venv_python" -m orthoft
 "$venv_python" - "${tests[@]}" <<'PY'
