@@ -49,6 +49,12 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, logs 
 }
 
 if [[ $steps == *install* ]]; then
+  # Test-only packages the GPU machine lacks (diffusers, scikit-learn, bitsandbytes, torchao, hqq), carried
+  # as wheels: pip download --no-deps --only-binary=:all: --python-version 3.12 -d dist/wheels NAME...
+  extra=(${EXTRA_WHEELS:-dist/wheels}/*.whl)
+  if [ -e "${extra[0]}" ]; then
+    step extras 120 "$python" -m pip install --no-deps --no-index "${extra[@]}"
+  fi
   if [ -z "${WHEEL:-}" ]; then
     step build "${BUILD_TIMEOUT:-420}" "$python" -m pip wheel --no-build-isolation --no-deps -w "$out" . || exit 1
     WHEEL=$(ls "$out"/orthoft-*.whl)

@@ -20,6 +20,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_finetune_digits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    pytest.importorskip("sklearn")  # the example's data set
     script = EXAMPLES / "finetune_digits.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path), "--steps", "60"])
     runpy.run_path(str(script), run_name="__main__")

@@ -18,7 +18,6 @@ from typing import Any
 import peft
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
@@ -198,7 +197,7 @@ CASES = {
         },
     ),
     "unet-oft-diffusion": Case(
-        lambda: UNet2DConditionModel(
+        lambda: pytest.importorskip("diffusers").UNet2DConditionModel(
             block_out_channels=(8, 16),
             layers_per_block=1,
             sample_size=8,
