@@ -7,7 +7,6 @@ import math
 import torch
 
 from .. import ops
-from ..reference import butterfly_permutation
 
 
 def packed_skew(packed: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -68,17 +67,15 @@ def dense_rotation(rotations: torch.Tensor, block_size: int) -> torch.Tensor:
 def rotate_rows_transposed(matrix: torch.Tensor, rotations: torch.Tensor, block_size: int) -> torch.Tensor:
     """``matrix @ R^T`` for butterfly ``rotations`` ``(m, N/b, b, b)``, without forming ``R``.
 
-    ``R^T = M_0^T @ ... @ M_{m-1}^T`` with ``M_i^T = P_i blockdiag(R_i^T) P_i^T``: factor by factor,
-    gather the columns of each block together (``@ P_i``), apply the transposed blocks as a one-factor
-    butterfly, and put the columns back (``@ P_i^T``). ``m`` passes in all.
+    ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor ``i`` with transposed blocks: each
+    factor goes through the butterfly operator alone, the other factors set to the identity.
     """
+    m = rotations.shape[0]
     transposed = rotations.mT
-    n = matrix.shape[-1]
-    for i in range(rotations.shape[0]):
-        if i == 0:  # P_0 = I
-            matrix = ops.butterfly(matrix, transposed[:1], block_size)
-            continue
-        perm = butterfly_permutation(n, block_size, i).to(matrix.device)
-        grouped = matrix[..., torch.argsort(perm)]
-        matrix = ops.butterfly(grouped, transposed[i : i + 1], block_size)[..., perm]
+    if m == 1:
+        return ops.butterfly(matrix, transposed, block_size)
+    eye = torch.eye(block_size, dtype=rotations.dtype, device=rotations.device).expand_as(rotations[0])
+    for i in range(m):
+        factors = torch.stack([transposed[j] if j == i else eye for j in range(m)])
+        matrix = ops.butterfly(matrix, factors, block_size)
     return matrix
