@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import agreement
+import allocator
 import report
 import summarize
 import targets
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or (CPU_THREADS if settings.device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)
+    if settings.device.type == "cpu":
+        allocator.fix_mmap_threshold()
     suites = [SUITES[name] for name in args.suites]
     cases = [case for suite in suites for case in suite.cases(settings)]
     dtypes = sorted({c.dtype for c in cases})
