@@ -12,6 +12,7 @@ views used for inspection. Subclasses come in two kinds that are combined by inh
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -249,12 +250,18 @@ class OrthoftLayer(nn.Module):
     def _held(self, adapter_names: list[str]) -> list[str]:
         return [name for name in adapter_names if name in self.adapter_options]
 
-    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        parameters: list[nn.Parameter] = []
+    def _named_adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """One adapter's parameters, keyed relative to this layer without the adapter name."""
         for attribute in self.adapter_parameter_names:
             entry = getattr(self, attribute)[adapter_name]
-            parameters.extend([entry] if isinstance(entry, nn.Parameter) else entry.parameters())
-        return parameters
+            if isinstance(entry, nn.Parameter):
+                yield attribute, entry
+            else:
+                for key, parameter in entry.named_parameters():
+                    yield f"{attribute}.{key}", parameter
+
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [parameter for _, parameter in self._named_adapter_parameters(adapter_name)]
 
     def _update_trainable(self) -> None:
         """The one place that sets which adapter tensors train: the active ones, unless disabled."""
@@ -338,15 +345,7 @@ class OrthoftLayer(nn.Module):
         """The live tensors of one adapter, keyed as PEFT saves them relative to this layer without the
         adapter name (``oft_R.weight``; ``boft_R``, ``boft_s``)."""
         self._check_known_adapter(adapter_name)
-        tensors: dict[str, torch.Tensor] = {}
-        for attribute in self.adapter_parameter_names:
-            entry = getattr(self, attribute)[adapter_name]
-            if isinstance(entry, torch.Tensor):
-                tensors[attribute] = entry
-            else:
-                for key, value in entry.state_dict(keep_vars=True).items():
-                    tensors[f"{attribute}.{key}"] = value
-        return tensors
+        return dict(self._named_adapter_parameters(adapter_name))
 
     def load_adapter_state_dict(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Copies ``tensors`` (keyed as ``adapter_state_dict`` gives them) into the adapter, strictly:
