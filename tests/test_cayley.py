@@ -73,7 +73,7 @@ def test_empty_batch(device: str) -> None:
     assert ops.cayley(skew).shape == (0, 4, 4)
 
 
-@pytest.mark.parametrize("terms", [0, 2, 5])
+@pytest.mark.parametrize("terms", TERMS)
 def test_gradcheck(terms: int, device: str) -> None:
     skew = random_skew(2, 5, 5, scale=0.3, device=device).requires_grad_()
     assert torch.autograd.gradcheck(lambda s: ops.cayley(s, terms), (skew,))
