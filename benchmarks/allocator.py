@@ -1,12 +1,13 @@
-"""The same memory conditions for every competitor of a CPU run.
+"""The same memory conditions for every competitor of a CPU run: no page faults in the timed steps.
 
-glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which a freed block
-stays in the process and the next allocation of that size gets pages that are already mapped, while a
-fresh mapping pays a page fault per 4 KiB. Which competitor gets which depended on the order of
-allocations: it moved a 64 MiB ``torch.zeros`` from 0.04 ms to 8 ms between two runs. Fixing the
-threshold where glibc's adaptation ends (32 MiB) and keeping freed heap memory gives every
-competitor, in every round, what a long training loop sees: blocks under 32 MiB reuse mapped memory,
-larger blocks are fresh mappings.
+glibc serves a large block either from its heap or from a fresh mapping, depending on its dynamic
+mmap threshold and on how much free memory the top of its heap holds at that moment, that is on the
+order of earlier allocations. A fresh mapping pays a page fault per 4 KiB (writing a new 64 MiB
+tensor: 22-25 ms on one thread, against 2 ms in mapped memory), so the same case measured
+0.04 ms in one run and 8 ms in another, and two full runs disagreed by up to 72% on ratios with 64 MiB
+outputs. With mappings off and trimming off, every block comes from the heap and freed memory stays
+mapped: after the warm-up steps each competitor's step runs in memory that is already mapped, as
+with a caching allocator (CUDA's, jemalloc, tcmalloc), and the times measure the work of the step.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import ctypes
 import ctypes.util
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 * 2**20
-TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES
+_M_MMAP_MAX = -4
+NEVER_TRIM_BYTES = 2**31 - 1  # the largest value mallopt takes
 
 
-def fix_mmap_threshold() -> bool:
-    """Fixes glibc's mmap and trim thresholds (which stops their adjustment); False without glibc."""
+def keep_memory_mapped() -> bool:
+    """Turns off glibc's fresh mappings for large blocks and the trimming of its heap; False without
+    glibc. Allocations then never return memory to the system: the process keeps its peak."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
@@ -29,6 +30,4 @@ def fix_mmap_threshold() -> bool:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    )
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, NEVER_TRIM_BYTES))

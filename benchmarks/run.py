@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     if settings.device.type == "cpu":
-        allocator.fix_mmap_threshold()
+        allocator.keep_memory_mapped()
     suites = [SUITES[name] for name in args.suites]
     cases = [case for suite in suites for case in suite.cases(settings)]
     dtypes = sorted({c.dtype for c in cases})
