@@ -3,8 +3,9 @@
 // Every factor mixes columns only inside chunks of C = b * 2^(m-1), so a task takes a tile of
 // kTileRows rows x C columns, stores it column-major in the accumulation type (each update is then a
 // fixed-length loop over rows that the compiler vectorises), applies all m factors in place and
-// writes the tile once. The tile loops are compiled twice, for AVX2+FMA and for the baseline
-// instruction set, and chosen at run time.
+// writes the tile once. One factor of wide blocks is a product per block instead, by the block kernel
+// (each block's product written straight into its columns of the result) or by BLAS. The loops are
+// compiled twice, for AVX2+FMA and for the baseline instruction set, and chosen at run time.
 #include <algorithm>
 #include <optional>
 #include <vector>
@@ -285,6 +286,65 @@ ORTHOFT_ALWAYS_INLINE void backward_items(const BackwardArgs<scalar_t, acc>& a, 
   }
 }
 
+// One factor of wide float blocks: y = x @ blockdiag(w_1 .. w_D) on row-major rows, each block's product
+// written straight into its columns of y. A panel keeps kPanelRows rows x two vectors of one block's
+// output columns in registers while it runs over the block's b inputs; a task takes kBlockTaskRows rows
+// through every block.
+constexpr int64_t kPanelRows = 6;
+constexpr int64_t kBlockTaskRows = 96;
+// Wider blocks go to BLAS, which is faster there (butterfly_by_matmul).
+constexpr int64_t kMaxKernelBlock = 32;
+
+template <typename T>
+constexpr int64_t kPanelColumns = 2 * sizeof(simd_t<T>) / sizeof(T);
+
+template <typename T>
+struct BlockArgs {
+  const T* x;
+  const T* w;  // (D, b, b)
+  T* y;
+  int64_t rows, n, b;
+};
+
+template <typename T, int64_t R>
+ORTHOFT_ALWAYS_INLINE void block_panel(const T* x, const T* w, T* y, int64_t n, int64_t b) {
+  using V = simd_t<T>;
+  constexpr int64_t half = kPanelColumns<T> / 2;
+  V acc0[R] = {};
+  V acc1[R] = {};
+  for (int64_t t = 0; t < b; ++t) {
+    const V w0 = *reinterpret_cast<const V*>(w + t * b);
+    const V w1 = *reinterpret_cast<const V*>(w + t * b + half);
+    for (int64_t r = 0; r < R; ++r) {
+      const T v = x[r * n + t];
+      acc0[r] += v * w0;
+      acc1[r] += v * w1;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    *reinterpret_cast<V*>(y + r * n) = acc0[r];
+    *reinterpret_cast<V*>(y + r * n + half) = acc1[r];
+  }
+}
+
+template <typename T>
+ORTHOFT_ALWAYS_INLINE void block_items(const BlockArgs<T>& a, int64_t begin, int64_t end) {
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t first = item * kBlockTaskRows;
+    const int64_t last = std::min(a.rows, first + kBlockTaskRows);
+    for (int64_t col = 0; col < a.n; col += a.b) {
+      for (int64_t c = 0; c < a.b; c += kPanelColumns<T>) {
+        const T* w = a.w + col * a.b + c;
+        int64_t r = first;
+        for (; r + kPanelRows <= last; r += kPanelRows) {
+          block_panel<T, kPanelRows>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
+        }
+        for (; r < last; ++r) block_panel<T, 1>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
+      }
+    }
+  }
+}
+
 #if ORTHOFT_HAVE_AVX2_PATH
 template <typename scalar_t, typename acc>
 ORTHOFT_TARGET_AVX2 void forward_items_avx2(const ForwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
@@ -294,6 +354,11 @@ ORTHOFT_TARGET_AVX2 void forward_items_avx2(const ForwardArgs<scalar_t, acc>& a,
 template <typename scalar_t, typename acc>
 ORTHOFT_TARGET_AVX2 void backward_items_avx2(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
   backward_items(a, begin, end);
+}
+
+template <typename T>
+ORTHOFT_TARGET_AVX2 void block_items_avx2(const BlockArgs<T>& a, int64_t begin, int64_t end) {
+  block_items(a, begin, end);
 }
 
 bool cpu_has_avx2() {
@@ -318,10 +383,47 @@ void run_backward(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t e
   backward_items(a, begin, end);
 }
 
-// One factor with large float blocks is a batched matrix product over contiguous blocks, which BLAS
-// does faster than the tile loops: (D, rows, b) @ (D, b, b), through torch's dispatcher (butterfly.h).
-bool use_batched_gemm(const Tensor& x, const Tiling& p) {
+template <typename T>
+void run_blocks(const BlockArgs<T>& a, int64_t begin, int64_t end) {
+#if ORTHOFT_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return block_items_avx2(a, begin, end);
+#endif
+  block_items(a, begin, end);
+}
+
+// One factor of float blocks of 16 or more columns is a product of each block of columns with its
+// rotation, which the tile loops (made for chains of small blocks) do slower: the block kernel takes it
+// up to kMaxKernelBlock columns, BLAS beyond, (D, rows, b) @ (D, b, b) through torch's dispatcher
+// (butterfly.h).
+bool one_wide_factor(const Tensor& x, const Tiling& p) {
   return p.m == 1 && p.b >= 16 && (x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double);
+}
+
+// Blocks the block kernel takes: whole panels of columns, at most kMaxKernelBlock.
+bool use_block_kernel(const Tensor& x, const Tiling& p) {
+  const int64_t panel = x.scalar_type() == ScalarType::Float ? kPanelColumns<float> : kPanelColumns<double>;
+  return p.b <= kMaxKernelBlock && p.b % panel == 0;
+}
+
+template <typename T>
+void block_product_into(const Tensor& x, const Tensor& w, int64_t block_size, Tensor& out) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  const BlockArgs<T> args{x.const_data_ptr<T>(), w.const_data_ptr<T>(), out.mutable_data_ptr<T>(), rows, n,
+                          block_size};
+  torch::stable::parallel_for(0, (rows + kBlockTaskRows - 1) / kBlockTaskRows, 1,
+                              [&](int64_t begin, int64_t end) { run_blocks(args, begin, end); });
+}
+
+// x (contiguous, float or double) @ blockdiag(w), w (1, D, b, b) contiguous in x's dtype.
+Tensor block_product(const Tensor& x, const Tensor& w, int64_t block_size) {
+  Tensor out = new_tensor(x, shape(x));
+  if (x.scalar_type() == ScalarType::Float) {
+    block_product_into<float>(x, w, block_size, out);
+  } else {
+    block_product_into<double>(x, w, block_size, out);
+  }
+  return out;
 }
 
 Tensor to_acc_contiguous(const Tensor& t) {
@@ -334,7 +436,10 @@ Tensor butterfly_cpu(const Tensor& x, const Tensor& rotations, int64_t block_siz
   check_butterfly(x, rotations, block_size);
   STD_TORCH_CHECK(x.is_cpu(), "orthoft.ops.butterfly: the CPU kernel got x on another device");
   const Tiling p(x, rotations, block_size);
-  if (use_batched_gemm(x, p)) return butterfly_by_matmul(x, rotations, block_size);
+  if (one_wide_factor(x, p)) {
+    if (!use_block_kernel(x, p)) return butterfly_by_matmul(x, rotations, block_size);
+    return block_product(torch::stable::contiguous(x), to_acc_contiguous(rotations), block_size);
+  }
   const Tensor in = torch::stable::contiguous(x);
   Tensor out = new_tensor(in, shape(in));
   const std::vector<int64_t> positions = butterfly_positions(p.b, p.m, p.chunk);
@@ -357,7 +462,17 @@ std::tuple<Tensor, Tensor> butterfly_backward_cpu(const Tensor& grad, const Tens
   const bool need_x = output_mask[0];
   const bool need_rot = output_mask[1];
   const Tiling p(x, rotations, block_size);
-  if (use_batched_gemm(x, p)) return butterfly_backward_by_matmul(grad, x, rotations, block_size, output_mask);
+  if (one_wide_factor(x, p)) {
+    if (!use_block_kernel(x, p)) return butterfly_backward_by_matmul(grad, x, rotations, block_size, output_mask);
+    // x's gradient by the block kernel with the transposed blocks; the rotations' gradient, x^T @ grad
+    // per block, by BLAS.
+    const Tensor grad_rot =
+        need_rot ? std::get<1>(butterfly_backward_by_matmul(grad, x, rotations, block_size, {false, true}))
+                 : torch::stable::new_empty(rotations, {0});
+    if (!need_x) return {torch::stable::new_empty(x, {0}), grad_rot};
+    const Tensor rot_t = torch::stable::contiguous(torch::stable::transpose(to_acc_contiguous(rotations), -1, -2));
+    return {block_product(torch::stable::contiguous(grad), rot_t, block_size), grad_rot};
+  }
   const Tensor in = torch::stable::contiguous(x);
   const Tensor g = torch::stable::contiguous(grad);
   // A gradient not asked for is an empty tensor, as the operator's schema says.

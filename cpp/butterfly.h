@@ -1,6 +1,7 @@
 // The butterfly operator as batched matrix products through torch's dispatcher, factor by factor, on any
-// device: the CPU kernels' path for one factor of large float blocks (BLAS is faster there) and the CUDA
-// kernels' path for block sizes and tiles their fused kernels do not take. In the accumulation type.
+// device: the CPU kernels' path for one factor of float blocks wider than their block kernel takes (BLAS
+// is faster there) and the CUDA kernels' path for block sizes and tiles their fused kernels do not take.
+// In the accumulation type.
 #pragma once
 
 #include <tuple>

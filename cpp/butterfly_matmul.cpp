@@ -29,10 +29,19 @@ Tensor scatter_blocks(const Tensor& blocks, int64_t b, int64_t i) {
   return reshape(transpose(transpose(transpose(t, 2, 3), 1, 3), 0, 1), {rows, n});
 }
 
-// y @ M_i, or y @ M_i^T for the gradient: rotations (m, D, b, b).
+// out = a @ b as batched matrices, written into out's storage whatever its strides.
+void bmm_into(const Tensor& a, const Tensor& b, const Tensor& out) { call_aten("aten::bmm", "out", a, b, out); }
+
+// y @ M_i, or y @ M_i^T for the gradient: rotations (m, D, b, b). Factor 0's blocks are column slices of
+// y and of the result, so their products go straight into the result, without a copy in block order.
 Tensor apply_factor(const Tensor& y, const Tensor& rotations, int64_t b, int64_t i, bool transposed) {
   Tensor r = torch::stable::select(rotations, 0, i);
   if (transposed) r = transpose(r, -1, -2);
+  if (i == 0) {
+    Tensor out = new_tensor(y, shape(y));
+    bmm_into(gather_blocks(y, b, 0), r, gather_blocks(out, b, 0));
+    return out;
+  }
   return scatter_blocks(matmul(gather_blocks(y, b, i), r), b, i);
 }
 
@@ -69,9 +78,8 @@ std::tuple<Tensor, Tensor> butterfly_backward_by_matmul(const Tensor& grad, cons
   Tensor g = acc_rows(grad);
   for (int64_t i = 0; i < m; ++i) {
     if (need_rot) {
-      Tensor slot = torch::stable::select(grad_rot, 0, i);
-      torch::stable::copy_(slot, matmul(transpose(gather_blocks(inputs[i], block_size, i), 1, 2),
-                                        gather_blocks(g, block_size, i)));
+      bmm_into(transpose(gather_blocks(inputs[i], block_size, i), 1, 2), gather_blocks(g, block_size, i),
+               torch::stable::select(grad_rot, 0, i));
     }
     if (i + 1 < m || need_x) g = apply_factor(g, rot, block_size, i, true);
   }

@@ -60,6 +60,53 @@ def test_backward_matches_reference_autograd(
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
+# One factor of blocks of 16 or more columns: (b, N, leading dims of x). Blocks up to 32 columns that
+# fill whole register panels run through the CPU's block kernel (row counts that leave partial panels
+# and tasks), the others through BLAS.
+WIDE_BLOCK_CASES = [
+    (16, 64, (101,)),
+    (24, 96, (3, 35)),
+    (32, 128, (197,)),
+    (48, 96, (7,)),
+    (64, 128, (13,)),
+]
+
+
+@pytest.mark.parametrize(("b", "n", "batch"), WIDE_BLOCK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("output_mask", [(True, False), (False, True), (True, True)])
+def test_one_factor_of_wide_blocks(
+    b: int, n: int, batch: tuple[int, ...], dtype: torch.dtype, output_mask: tuple[bool, bool], device: str
+) -> None:
+    x64, rot64 = _rand(b, 1, n, batch, device)
+    grad64 = torch.randn_like(x64)
+    x, rotations, grad = x64.to(dtype), rot64.to(dtype), grad64.to(dtype)
+    out = ops.butterfly(x, rotations, b)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close_rel(out, reference.butterfly(x64, rot64, b), dtype)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, b, list(output_mask))
+    want = reference.butterfly_backward(grad64, x64, rot64, b)
+    for needed, g, w in zip(output_mask, got, want, strict=True):
+        if needed:
+            assert g.dtype == dtype and g.shape == w.shape
+            assert_close_rel(g, w, dtype)
+        else:
+            assert g.shape == (0,) and g.dtype == dtype
+
+
+@pytest.mark.parametrize("b", [16, 64])
+def test_one_factor_of_wide_blocks_non_contiguous(b: int, device: str) -> None:
+    x, rotations = _rand(b, 1, 2 * b, (29,), device)
+    grad = torch.randn_like(x)
+    out = ops.butterfly(non_contiguous(x), rotations.mT.contiguous().mT, b)
+    torch.testing.assert_close(out, reference.butterfly(x, rotations, b), rtol=1e-10, atol=1e-12)
+    got = torch.ops.orthoft.butterfly_backward(
+        non_contiguous(grad), non_contiguous(x), rotations, b, [True, True]
+    )
+    for g, w in zip(got, reference.butterfly_backward(grad, x, rotations, b), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
 def test_many_rows_use_several_tiles(device: str) -> None:
     x, rotations = _rand(4, 3, 32, (257,), device)
     grad = torch.randn_like(x)
@@ -119,14 +166,15 @@ def test_empty_rows(device: str) -> None:
     torch.testing.assert_close(grad_rot, torch.zeros_like(rotations), rtol=0, atol=0)
 
 
-def test_gradcheck(device: str) -> None:
-    x, rotations = _rand(4, 3, 32, (3,), device)
+@pytest.mark.parametrize(("b", "m", "n"), [(4, 3, 32), (16, 1, 32), (64, 1, 128)])
+def test_gradcheck(b: int, m: int, n: int, device: str) -> None:
+    x, rotations = _rand(b, m, n, (3,), device)
     assert torch.autograd.gradcheck(
-        lambda a, r: ops.butterfly(a, r, 4), (x.requires_grad_(), rotations.requires_grad_())
+        lambda a, r: ops.butterfly(a, r, b), (x.requires_grad_(), rotations.requires_grad_())
     )
 
 
-@pytest.mark.parametrize(("b", "m", "n"), [(4, 3, 32), (2, 1, 6)])
+@pytest.mark.parametrize(("b", "m", "n"), [(4, 3, 32), (2, 1, 6), (16, 1, 32), (64, 1, 64)])
 def test_opcheck(b: int, m: int, n: int, device: str) -> None:
     x, rotations = _rand(b, m, n, (3, 2), device, dtype=torch.float32)
     torch.library.opcheck(
