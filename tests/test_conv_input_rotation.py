@@ -104,6 +104,14 @@ def test_channels_last_and_input_without_gradient() -> None:
         )
 
 
+def test_unbatched_input() -> None:
+    torch.manual_seed(7)
+    for layer in one_by_one_layers({"padding": 1, "padding_mode": "reflect"}, dtype=torch.float64):
+        randomize(layer)
+        x = torch.randn(8, 5, 4, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), weight_path(layer, x))
+
+
 def test_trainable_bias_gets_its_gradient() -> None:
     torch.manual_seed(4)
     for layer in one_by_one_layers({"padding": 1}, dtype=torch.float64):

@@ -123,6 +123,8 @@ class Conv2dLayer(OrthoftLayer):
         return 4 * self._rotation_chunk_size(adapter_names[0]) * base.groups < base.out_channels
 
     def _input_rotated_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if x.dim() == 3:  # an unbatched input, as nn.Conv2d takes it
+            return self._input_rotated_forward(x.unsqueeze(0), adapter_name).squeeze(0)
         base = self.base_layer
         rotations, block_size = self._rotation_factors(adapter_name, self.training)
         chunks = rotation_chunks(rotations, block_size).to(x.dtype)
