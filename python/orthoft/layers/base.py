@@ -162,6 +162,10 @@ class OrthoftLayer(nn.Module):
         """The adapter's per-output scale ``(out,)``, or ``None`` when it has none."""
         raise NotImplementedError
 
+    def _rotation_chunk_size(self, adapter_name: str) -> int:
+        """``C``: the adapter's ``R`` is block diagonal in dense ``C x C`` chunks (``rotation_chunks``)."""
+        raise NotImplementedError
+
     # Hooks of the base layer family (linear, conv2d, embedding).
     # What fan_in_fan_out=True is, for the error when a base layer does not store its weight as (in, out).
     fan_in_fan_out_error = "applies to Conv1D layers only"

@@ -9,7 +9,7 @@ from .base import OrthoftLayer, compute_dtype
 from .conv import Conv2dLayer
 from .linear import LinearLayer
 from .options import BOFTOptions, with_options_signature
-from .rotation import block_skew, cayley_blocks, drop_blocks
+from .rotation import block_skew, cayley_blocks, chunk_size, drop_blocks
 
 
 class BOFTLayer(OrthoftLayer):
@@ -52,6 +52,10 @@ class BOFTLayer(OrthoftLayer):
     def _output_scale(self, adapter_name: str) -> torch.Tensor | None:
         scale = self.boft_s[adapter_name]
         return scale.reshape(-1).to(compute_dtype(scale.dtype))
+
+    def _rotation_chunk_size(self, adapter_name: str) -> int:
+        options = self.adapter_options[adapter_name]
+        return chunk_size(options.n_butterfly_factor, options.block_size)
 
 
 class BOFTLinear(BOFTLayer, LinearLayer):

@@ -63,6 +63,9 @@ class OFTLayer(OrthoftLayer):
     def _output_scale(self, adapter_name: str) -> torch.Tensor | None:
         return None
 
+    def _rotation_chunk_size(self, adapter_name: str) -> int:
+        return self.adapter_options[adapter_name].block_size
+
 
 class OFTLinear(OFTLayer, LinearLayer):
     """``nn.Linear`` with an OFT adapter: ``y = base(x @ R)``, ``x @ R`` by the butterfly operator."""

@@ -64,16 +64,49 @@ def dense_rotation(rotations: torch.Tensor, block_size: int) -> torch.Tensor:
     return ops.butterfly(eye, rotations, block_size)
 
 
+def chunk_size(num_factors: int, block_size: int) -> int:
+    """``C = b * 2^(m-1)``: ``R`` of ``m`` butterfly factors is block diagonal in chunks of ``C``."""
+    return block_size * 2 ** (num_factors - 1)
+
+
+def rotation_chunks(rotations: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The diagonal chunks ``(N/C, C, C)`` of ``R`` for butterfly ``rotations`` ``(m, N/b, b, b)``.
+
+    With one factor they are the blocks themselves. Otherwise one butterfly call on a ``C x N`` tiled
+    identity gives them all: its row ``r`` has a 1 in column ``r`` of every chunk, so row ``r`` of the
+    product holds row ``r`` of every chunk of ``R``.
+    """
+    m, d, b, _ = rotations.shape
+    if m == 1:
+        return rotations[0]
+    c, n = chunk_size(m, block_size), d * b
+    tiled = torch.eye(c, dtype=rotations.dtype, device=rotations.device).repeat(1, n // c)
+    return ops.butterfly(tiled, rotations, block_size).reshape(c, n // c, c).transpose(0, 1)
+
+
+def _chunks_are_cheaper(num_factors: int) -> bool:
+    """Products with the dense chunks cost ``C = b * 2^(m-1)`` per entry, ``m`` padded butterfly calls
+    ``b * m^2``: the chunks win up to ``m = 6``."""
+    return 2 ** (num_factors - 1) <= num_factors**2
+
+
 def rotate_rows_transposed(matrix: torch.Tensor, rotations: torch.Tensor, block_size: int) -> torch.Tensor:
     """``matrix @ R^T`` for butterfly ``rotations`` ``(m, N/b, b, b)``, without forming ``R``.
 
-    ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor ``i`` with transposed blocks: each
-    factor goes through the butterfly operator alone, the other factors set to the identity.
+    One factor: the butterfly operator with transposed blocks. A few factors: one batched product with
+    the dense chunks of ``R``. Many factors: ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor
+    ``i`` with transposed blocks, so each factor goes through the butterfly operator alone, the other
+    factors set to the identity.
     """
     m = rotations.shape[0]
     transposed = rotations.mT
     if m == 1:
         return ops.butterfly(matrix, transposed, block_size)
+    if _chunks_are_cheaper(m):
+        chunks = rotation_chunks(rotations, block_size)
+        n, c = chunks.shape[:2]
+        rows = matrix.reshape(matrix.shape[0], n, c).transpose(0, 1)
+        return torch.matmul(rows, chunks.mT).transpose(0, 1).reshape(matrix.shape)
     eye = torch.eye(block_size, dtype=rotations.dtype, device=rotations.device).expand_as(rotations[0])
     for i in range(m):
         factors = torch.stack([transposed[j] if j == i else eye for j in range(m)])
