@@ -22,6 +22,10 @@ def adapted_layer(base: nn.Module, spec: dict[str, Any]) -> nn.Module:
     kind = spec["kind"]
     if kind == "frozen":
         return base.requires_grad_(False)
+    if kind == "weight_trained":
+        base.requires_grad_(False)
+        base.weight.requires_grad_(True)
+        return base
     if kind == "boft":
         options = {"block_size": spec["block_size"], "n_butterfly_factor": spec["factors"]}
         return _ORTHOFT_CLASSES[kind, type(base)].from_module(base, **options)

@@ -1,4 +1,5 @@
-"""Training step of one Conv2d layer on ResNet-50 shapes: orthoft's OFT/BOFT, PEFT's and the frozen conv."""
+"""Training step of one Conv2d layer on ResNet-50 shapes: orthoft's OFT/BOFT, PEFT's, the frozen conv
+and the conv with a trained weight."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from steps import module_step
 from suites.adapters import adapted_layer
 
 FROZEN = "nn.Conv2d (frozen)"
+# The same conv with a trainable weight: forward, input gradient and weight gradient. Any method that
+# rotates the weight needs these three convolutions, so this is its floor.
+WEIGHT_GRADIENT = "nn.Conv2d, weight trained (floor of a rotated weight)"
 OFT_BLOCK_SIZE = {"smoke": 8, "quick": 32, "full": 32}
 BOFT_BLOCK_SIZE = {"smoke": 4, "quick": 8, "full": 8}
 BUTTERFLY_FACTORS = {"smoke": [2], "quick": [1, 4], "full": [1, 4]}
@@ -62,6 +66,7 @@ def _competitors(settings: Settings) -> list[tuple[str, dict[str, Any], str | No
     factors = BUTTERFLY_FACTORS[settings.size]
     peft_skip = None if peft_version() else PEFT_MISSING
     out: list[tuple[str, dict[str, Any], str | None]] = [(FROZEN, {"kind": "frozen"}, None)]
+    out.append((WEIGHT_GRADIENT, {"kind": "weight_trained"}, None))
     out.append((oft_label(oft_b), {"kind": "oft", "block_size": oft_b}, None))
     out += [
         (boft_label(boft_b, m), {"kind": "boft", "block_size": boft_b, "factors": m}, None) for m in factors
