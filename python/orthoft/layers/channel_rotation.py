@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .output_scale import scale_gradient
+
 
 def _channel_blocks(x: torch.Tensor, groups: int, chunks: torch.Tensor) -> torch.Tensor:
     """``x`` ``(N, groups * F, H, W)`` as ``(N, groups, F/C, C, H*W)`` for chunks ``(F/C, C, C)``."""
@@ -78,21 +80,12 @@ class _RotatedInputConv(torch.autograd.Function):
         if need_chunks:
             grad_chunks = torch.matmul(_channel_blocks(x, groups, chunks), grad_blocks.mT).sum((0, 1))
         if need_scale:
-            grad_scale = _scale_gradient(grad, *kept)
+            grad_scale = scale_gradient(grad, *kept, channel_dim=1)
         return grad_x, grad_chunks, None, grad_scale, (grad_bias if need_bias else None), None
 
 
 def _scaled(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return weight if scale is None else weight * scale.reshape(-1, 1, 1, 1)
-
-
-def _scale_gradient(
-    grad: torch.Tensor, output: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``sum(grad * out)`` per channel, ``out = (output - bias) / scale`` the unscaled convolution."""
-    shape = (-1, 1, 1)
-    unbiased = output if bias is None else output - bias.reshape(shape)
-    return (grad * unbiased).sum((0, 2, 3)) / scale
 
 
 def rotated_input_conv(

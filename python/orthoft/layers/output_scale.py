@@ -30,11 +30,24 @@ class _ScaleOutput(torch.autograd.Function):
         grad_out = grad * scale if ctx.needs_input_grad[0] else None
         grad_scale = grad_bias = None
         if ctx.needs_input_grad[1]:
-            out = (y - bias[0] if bias else y) / scale
-            grad_scale = (grad * out).reshape(-1, scale.shape[-1]).sum(0)
+            grad_scale = scale_gradient(grad, y, scale, bias[0] if bias else None, channel_dim=-1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_out, grad_scale, grad_bias
+
+
+def scale_gradient(
+    grad: torch.Tensor, output: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, channel_dim: int
+) -> torch.Tensor:
+    """The gradient of ``s`` in ``y = out * s + bias`` (``s`` and ``bias`` along ``channel_dim``) from ``y``:
+    ``sum(grad * out)`` over every other dimension, with ``out = (y - bias) / s`` divided after the sum."""
+    dim = channel_dim % grad.dim()
+    along_channels = [-1 if d == dim else 1 for d in range(grad.dim())]
+    unbiased = output if bias is None else output - bias.reshape(along_channels)
+    others = [d for d in range(grad.dim()) if d != dim]
+    product = grad * unbiased
+    # An empty dimension list would sum over everything.
+    return (product.sum(others) if others else product) / scale
 
 
 def scale_output(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
