@@ -1,4 +1,4 @@
-"""Shared test helpers: random inputs and tolerances."""
+"""Shared test helpers: random inputs, tolerances and what autograd keeps."""
 
 from __future__ import annotations
 
@@ -48,3 +48,18 @@ def train_adapters(layer: torch.nn.Module, x: torch.Tensor, target: torch.Tensor
         if name in frozen:
             assert torch.equal(parameter, frozen[name])
     return losses
+
+
+def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes that autograd keeps for backward in one forward, each storage counted once, other than the
+    layer's output (which the model's next operation holds anyway)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x)
+    storages.pop(out.untyped_storage().data_ptr(), None)
+    return sum(storages.values())

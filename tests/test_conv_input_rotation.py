@@ -11,6 +11,8 @@ from torch import nn
 from orthoft.layers import BOFTConv2d, OFTConv2d, OrthoftLayer
 from test_layers_conv import randomize, reference_rotation
 
+from helpers import saved_bytes
+
 # 1x1 convolutions with more output channels than 4 * chunk * groups, so that the input is rotated.
 ONE_BY_ONE = [
     {},
@@ -140,26 +142,12 @@ def test_trainable_weight_or_small_output_rotates_the_weight() -> None:
     assert not OFTConv2d(8, 72, 3, block_size=8)._rotates_input(["default"])
 
 
-def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward in one forward, each storage once, other than the output."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = layer(x)
-    storages.pop(out.untyped_storage().data_ptr(), None)
-    return sum(storages.values())
-
-
 def test_rotated_input_is_not_kept_for_backward() -> None:
     x = torch.randn(4, 64, 16, 16, requires_grad=True)
     for layer in (OFTConv2d(64, 512, 1, block_size=8), BOFTConv2d(64, 512, 1, block_size=8)):
         assert layer._rotates_input(["default"])
         # The input (which the caller holds), the weight and small adapter tensors; no rotated input.
-        assert _saved_bytes(layer, x) < x.numel() * 4 + layer.weight.numel() * 4 + 2**16
+        assert saved_bytes(layer, x) < x.numel() * 4 + layer.weight.numel() * 4 + 2**16
 
 
 @pytest.mark.parametrize("cls", [OFTConv2d, BOFTConv2d])

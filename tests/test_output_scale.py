@@ -8,6 +8,8 @@ import torch
 from orthoft.layers import BOFTLinear, OFTLinear
 from orthoft.layers.output_scale import scale_output
 
+from helpers import saved_bytes
+
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gradients_match_the_plain_expression(with_bias: bool) -> None:
@@ -22,21 +24,6 @@ def test_gradients_match_the_plain_expression(with_bias: bool) -> None:
     torch.testing.assert_close(ours, torch.autograd.grad(plain, inputs, grad))
 
 
-def _saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes that autograd keeps for backward in one forward, each storage counted once, other than the
-    layer's output (which the model's next operation holds anyway)."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = layer(x)
-    storages.pop(out.untyped_storage().data_ptr(), None)
-    return sum(storages.values())
-
-
 def test_boft_keeps_no_output_sized_tensor_beyond_oft() -> None:
     torch.manual_seed(5)
     x = torch.randn(256, 64)
@@ -44,7 +31,7 @@ def test_boft_keeps_no_output_sized_tensor_beyond_oft() -> None:
     boft = BOFTLinear(64, 512, block_size=8)
     output_bytes = 256 * 512 * 4
     # BOFT's extra tensors are its blocks and scale (tiny), never an output-sized activation.
-    assert _saved_bytes(boft, x) - _saved_bytes(oft, x) < output_bytes // 4
+    assert saved_bytes(boft, x) - saved_bytes(oft, x) < output_bytes // 4
 
 
 def test_boft_linear_compiles_without_graph_breaks() -> None:

@@ -168,11 +168,7 @@ CASES = {
         },
     ),
     "resnet-oft-conv": Case(
-        lambda: ResNetForImageClassification(
-            ResNetConfig(
-                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
-            )
-        ),
+        tiny_resnet,
         image_batch,
         hf_loss,
         hf_output,
@@ -181,11 +177,7 @@ CASES = {
         "from the base conv even at init (DESIGN.md); checked against hand-built merged convs instead",
     ),
     "resnet-boft-conv": Case(
-        lambda: ResNetForImageClassification(
-            ResNetConfig(
-                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
-            )
-        ),
+        tiny_resnet,
         image_batch,
         hf_loss,
         hf_output,
