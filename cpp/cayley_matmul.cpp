@@ -21,9 +21,6 @@ Tensor identity_like(const Tensor& t) {
                    std::optional<bool>());
 }
 
-// x + c I for every matrix of the batch.
-Tensor plus_identity(const Tensor& x, const Tensor& eye, double c) { return torch::stable::subtract(x, eye, -c); }
-
 Tensor scaled(const Tensor& x, double c) {
   if (c == 1.0) return x;
   return call_aten("aten::mul", "Tensor", x, torch::stable::full({}, c, x.scalar_type()));
@@ -31,9 +28,9 @@ Tensor scaled(const Tensor& x, double c) {
 
 double coef(int j, int top) { return j <= top ? neumann_coef(j, top) : 0.0; }
 
-// a I + b S for every matrix of the batch.
-Tensor affine_in_s(const Tensor& s, const Tensor& eye, double a, double b) {
-  return torch::stable::subtract(scaled(eye, a), s, -b);
+// a I + b x for every matrix of the batch: one pass over x (the scale of I costs n x n).
+Tensor identity_plus(const Tensor& x, const Tensor& eye, double a, double b) {
+  return torch::stable::subtract(scaled(eye, a), x, -b);
 }
 
 // PEFT's series p(S) = sum_j c_j S^j in pairs of terms, p(S) = sum_i S2^i L_i with S2 = S S and
@@ -55,16 +52,16 @@ NeumannPairs neumann_pairs(const Tensor& s, const Tensor& eye, int64_t num_neuma
   const int half = top / 2;
   NeumannPairs p{top, half, s, std::vector<Tensor>(half + 1, s)};
   if (half == 0) {
-    p.h[0] = top == 0 ? affine_in_s(torch::stable::new_zeros(s, shape(s)), eye, 1.0, 0.0)
-                      : affine_in_s(s, eye, coef(0, top), coef(1, top));
+    p.h[0] = top == 0 ? identity_plus(torch::stable::new_zeros(s, shape(s)), eye, 1.0, 0.0)
+                      : identity_plus(s, eye, coef(0, top), coef(1, top));
     return p;
   }
   p.s2 = matmul(s, s);
-  if (!p.scalar_last()) p.h[half] = affine_in_s(s, eye, coef(2 * half, top), coef(2 * half + 1, top));
+  if (!p.scalar_last()) p.h[half] = identity_plus(s, eye, coef(2 * half, top), coef(2 * half + 1, top));
   for (int i = half - 1; i >= lowest; --i) {
     const Tensor product =
         i + 1 == half && p.scalar_last() ? scaled(p.s2, coef(top, top)) : matmul(p.s2, p.h[i + 1]);
-    p.h[i] = torch::stable::subtract(product, affine_in_s(s, eye, coef(2 * i, top), coef(2 * i + 1, top)), -1.0);
+    p.h[i] = torch::stable::subtract(product, identity_plus(s, eye, coef(2 * i, top), coef(2 * i + 1, top)), -1.0);
   }
   return p;
 }
@@ -107,8 +104,8 @@ Tensor cayley_by_matmul(const Tensor& skew, int64_t num_neumann_terms) {
     return like_input(neumann_pairs(s, eye, num_neumann_terms, 0).h[0], skew);
   }
   // R = 2 inv(I + S) - I
-  const Tensor inverse = call_aten("aten::linalg_inv", "", plus_identity(s, eye, 1.0));
-  return like_input(plus_identity(scaled(inverse, 2.0), eye, -1.0), skew);
+  const Tensor inverse = call_aten("aten::linalg_inv", "", identity_plus(s, eye, 1.0, 1.0));
+  return like_input(identity_plus(inverse, eye, -1.0, 2.0), skew);
 }
 
 Tensor cayley_backward_by_matmul(const Tensor& grad, const Tensor& skew, const Tensor& rotation,
@@ -118,7 +115,7 @@ Tensor cayley_backward_by_matmul(const Tensor& grad, const Tensor& skew, const T
   Tensor ds;
   if (num_neumann_terms == 0) {
     // dS = -1/2 A^T G A^T with A = R + I = 2 inv(I + S).
-    const Tensor at = transpose(plus_identity(acc_batch(rotation), eye, 1.0), -1, -2);
+    const Tensor at = transpose(identity_plus(acc_batch(rotation), eye, 1.0, 1.0), -1, -2);
     ds = scaled(matmul(at, matmul(g, at)), -0.5);
   } else {
     ds = neumann_pairs_backward(g, acc_batch(skew), eye, num_neumann_terms);
