@@ -50,20 +50,21 @@ class _RotatedInputConv(torch.autograd.Function):
         x, chunks, weight, scale, bias, conv = inputs
         ctx.conv = conv
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        # The scale's gradient reads the output, which the model's next operation holds anyway.
-        kept = (output, scale, bias) if ctx.needs_input_grad[3] else ()
-        ctx.save_for_backward(x, chunks, _scaled(weight, scale), *kept)
+        # The scale's gradient reads the output, which the model's next operation holds anyway. The
+        # weight is kept unscaled (the parameter itself) and scaled again in backward.
+        kept = (output, bias) if ctx.needs_input_grad[3] else ()
+        ctx.save_for_backward(x, chunks, weight, scale, *kept)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, chunks, weight, *kept = ctx.saved_tensors
+        x, chunks, weight, scale, *kept = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, need_chunks, _, need_scale, need_bias = ctx.needs_input_grad[:5]
         # x stands in for the rotated input, of the same shape: only its shape is read.
         grad_rotated, _, grad_bias = torch.ops.aten.convolution_backward(
             grad,
             x,
-            weight,
+            _scaled(weight, scale),
             ctx.bias_sizes,
             list(stride),
             list(padding),
@@ -80,7 +81,8 @@ class _RotatedInputConv(torch.autograd.Function):
         if need_chunks:
             grad_chunks = torch.matmul(_channel_blocks(x, groups, chunks), grad_blocks.mT).sum((0, 1))
         if need_scale:
-            grad_scale = scale_gradient(grad, *kept, channel_dim=1)
+            output, bias = kept
+            grad_scale = scale_gradient(grad, output, scale, bias, channel_dim=1)
         return grad_x, grad_chunks, None, grad_scale, (grad_bias if need_bias else None), None
 
 
