@@ -1,5 +1,5 @@
 // CPU kernels of cayley. Exact forward: R = 2 inv(I+S) - I, one matrix per task by elimination (by
-// LAPACK's inverse above kMaxEliminationBlock). Neumann series and both backwards: batched matrix
+// LAPACK's inverse above kMaxEliminationBlock), in the CPU's widest vectors (cpu_isa.h). Neumann series and both backwards: batched matrix
 // products (cayley_matmul.cpp).
 #include <algorithm>
 
@@ -24,17 +24,19 @@ Tensor cayley_cpu(const Tensor& skew, int64_t num_neumann_terms) {
     const scalar_t* src = s.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     torch::stable::parallel_for(0, s.numel() / nn, std::max<int64_t>(1, 256 / nn), [&](int64_t begin, int64_t end) {
-      std::vector<acc> scratch(3 * nn);
+      std::vector<acc> scratch(4 * nn);  // skew, inverse, and the n x 2n work
       acc* sk = scratch.data();
       acc* inverse = sk + nn;
       acc* work = inverse + nn;
-      for (int64_t i = begin; i < end; ++i) {
-        std::copy(src + i * nn, src + (i + 1) * nn, sk);
-        inverse_of_identity_plus(n, sk, work, inverse);
-        for (int64_t j = 0; j < nn; ++j) {
-          dst[i * nn + j] = static_cast<scalar_t>(acc(2) * inverse[j] - acc(j % (n + 1) == 0 ? 1 : 0));
+      run_for_cpu([&](auto) ORTHOFT_INLINE_LAMBDA {
+        for (int64_t i = begin; i < end; ++i) {
+          std::copy(src + i * nn, src + (i + 1) * nn, sk);
+          inverse_of_identity_plus(n, sk, work, inverse);
+          for (int64_t j = 0; j < nn; ++j) inverse[j] *= acc(2);
+          for (int64_t j = 0; j < nn; j += n + 1) inverse[j] -= acc(1);
+          std::copy(inverse, inverse + nn, dst + i * nn);
         }
-      }
+      });
     });
   });
   return out;
