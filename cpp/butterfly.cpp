@@ -5,22 +5,15 @@
 // fixed-length loop over rows that the compiler vectorises), applies all m factors in place and
 // writes the tile once. One factor of wide blocks is a product per block instead, by the block kernel
 // (each block's product written straight into its columns of the result) or by BLAS. The loops are
-// compiled twice, for AVX2+FMA and for the baseline instruction set, and chosen at run time.
+// compiled for AVX-512, AVX2+FMA and the baseline instruction set, in vectors of that set's width, and
+// chosen at run time (cpu_isa.h).
 #include <algorithm>
 #include <optional>
 #include <vector>
 
 #include "butterfly.h"
 #include "checks.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define ORTHOFT_ALWAYS_INLINE inline __attribute__((always_inline))
-#define ORTHOFT_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define ORTHOFT_HAVE_AVX2_PATH 1
-#else
-#define ORTHOFT_ALWAYS_INLINE inline
-#define ORTHOFT_HAVE_AVX2_PATH 0
-#endif
+#include "cpu_isa.h"
 
 namespace orthoft {
 namespace {
@@ -28,23 +21,19 @@ namespace {
 constexpr int64_t kTileRows = 32;
 constexpr int64_t kMinTileColumns = 256;
 
-// A 32-byte vector of the accumulation type (GCC/Clang vector extension): kTileRows rows of one tile
-// column are kSimdPerColumn of them. may_alias lets the tile be read and written as scalars too; the
-// element alignment keeps loads unaligned, as the baseline build does not align 32-byte types.
-template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float type __attribute__((vector_size(32), may_alias, aligned(sizeof(float))));
+// A vector of Bytes bytes of the accumulation type (GCC/Clang vector extension): kTileRows rows of one
+// tile column are kSimdPerColumn of them. may_alias lets the tile be read and written as scalars too;
+// the element alignment keeps loads unaligned, as the buffers are not aligned to the vector width.
+template <typename T, int64_t Bytes>
+struct Simd {
+  typedef T type __attribute__((vector_size(Bytes), may_alias, aligned(sizeof(T))));
 };
-template <>
-struct Simd<double> {
-  typedef double type __attribute__((vector_size(32), may_alias, aligned(sizeof(double))));
-};
-template <typename T>
-using simd_t = typename Simd<T>::type;
-template <typename T>
-constexpr int64_t kSimdPerColumn = kTileRows * sizeof(T) / sizeof(simd_t<T>);
+template <typename T, int64_t Bytes>
+using simd_t = typename Simd<T, Bytes>::type;
+template <typename T, int64_t Bytes>
+constexpr int64_t kSimdPerColumn = kTileRows * sizeof(T) / Bytes;
+template <typename T, int64_t Bytes>
+constexpr int64_t kSimdWidth = Bytes / sizeof(T);
 
 // positions[i * C + blk * b + t]: the column, inside a tile of C columns, of element t of local block blk of
 // factor i. Factor i splits the chunk into pieces of c = b * 2^i; block d of a piece takes b/2
@@ -111,75 +100,106 @@ ORTHOFT_ALWAYS_INLINE void store_tile(const acc* buf, const Tiling& p, int64_t f
   }
 }
 
-// In place on a column-major tile: for each block, v <- v @ R. Two output columns at a time, so each
-// loaded input vector feeds two independent accumulator chains.
-template <typename acc>
+// Columns c .. c + G of v @ R for one block into out: each loaded input vector feeds G independent
+// accumulator chains.
+template <typename acc, int64_t Bytes, int64_t G>
+ORTHOFT_ALWAYS_INLINE void factor_columns(const simd_t<acc, Bytes>* tile, const int64_t* p, const acc* r, int64_t b,
+                                          int64_t c, simd_t<acc, Bytes>* out) {
+  using V = simd_t<acc, Bytes>;
+  constexpr int64_t lanes = kSimdPerColumn<acc, Bytes>;
+  V sum[G][lanes] = {};
+  for (int64_t t = 0; t < b; ++t) {
+    const V* in = tile + p[t] * lanes;
+    for (int64_t g = 0; g < G; ++g) {
+      const acc w = r[t * b + c + g];
+      for (int64_t l = 0; l < lanes; ++l) sum[g][l] += w * in[l];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t l = 0; l < lanes; ++l) out[(c + g) * lanes + l] = sum[g][l];
+  }
+}
+
+// In place on a column-major tile: for each block, v <- v @ R, in groups of output columns that keep
+// 8 (AVX2's 16 registers) or 16 (AVX-512's 32) accumulator vectors.
+template <typename acc, int64_t Bytes>
 ORTHOFT_ALWAYS_INLINE void apply_factor(acc* buf, const int64_t* pos, const acc* rot, int64_t blocks,
                                         int64_t b, acc* scratch) {
-  using V = simd_t<acc>;
-  constexpr int64_t lanes = kSimdPerColumn<acc>;
+  using V = simd_t<acc, Bytes>;
+  constexpr int64_t lanes = kSimdPerColumn<acc, Bytes>;
+  constexpr int64_t group = std::max<int64_t>(1, (Bytes == 64 ? 16 : 8) / lanes);
   V* tile = reinterpret_cast<V*>(buf);
   V* out = reinterpret_cast<V*>(scratch);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t* p = pos + blk * b;
     const acc* r = rot + blk * b * b;
     int64_t c = 0;
-    for (; c + 1 < b; c += 2) {
-      V acc0[lanes] = {};
-      V acc1[lanes] = {};
-      for (int64_t t = 0; t < b; ++t) {
-        const acc w0 = r[t * b + c];
-        const acc w1 = r[t * b + c + 1];
-        const V* in = tile + p[t] * lanes;
-        for (int64_t l = 0; l < lanes; ++l) {
-          acc0[l] += w0 * in[l];
-          acc1[l] += w1 * in[l];
-        }
-      }
-      for (int64_t l = 0; l < lanes; ++l) {
-        out[c * lanes + l] = acc0[l];
-        out[(c + 1) * lanes + l] = acc1[l];
-      }
-    }
-    if (c < b) {
-      V sum[lanes] = {};
-      for (int64_t t = 0; t < b; ++t) {
-        const V* in = tile + p[t] * lanes;
-        for (int64_t l = 0; l < lanes; ++l) sum[l] += r[t * b + c] * in[l];
-      }
-      for (int64_t l = 0; l < lanes; ++l) out[c * lanes + l] = sum[l];
-    }
+    for (; c + group <= b; c += group) factor_columns<acc, Bytes, group>(tile, p, r, b, c, out);
+    for (; c < b; ++c) factor_columns<acc, Bytes, 1>(tile, p, r, b, c, out);
     for (int64_t j = 0; j < b; ++j) {
       for (int64_t l = 0; l < lanes; ++l) tile[p[j] * lanes + l] = out[j * lanes + l];
     }
   }
 }
 
+// out[t][c] += the products of in column pt[t] and grad column pc[c] over the tile's rows, for a TB x CB
+// patch of one block's entries (out's rows b apart), each entry one vector of partial sums: every
+// loaded vector feeds TB or CB products.
+template <typename acc, int64_t Bytes, int64_t TB, int64_t CB>
+ORTHOFT_ALWAYS_INLINE void rotation_grad_patch(const simd_t<acc, Bytes>* x, const simd_t<acc, Bytes>* g,
+                                               const int64_t* pt, const int64_t* pc, simd_t<acc, Bytes>* out,
+                                               int64_t b) {
+  using V = simd_t<acc, Bytes>;
+  constexpr int64_t lanes = kSimdPerColumn<acc, Bytes>;
+  V sum[TB][CB];
+  for (int64_t t = 0; t < TB; ++t) {
+    for (int64_t c = 0; c < CB; ++c) sum[t][c] = out[t * b + c];
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    V xv[TB];
+    for (int64_t t = 0; t < TB; ++t) xv[t] = x[pt[t] * lanes + l];
+    for (int64_t c = 0; c < CB; ++c) {
+      const V gv = g[pc[c] * lanes + l];
+      for (int64_t t = 0; t < TB; ++t) sum[t][c] += xv[t] * gv;
+    }
+  }
+  for (int64_t t = 0; t < TB; ++t) {
+    for (int64_t c = 0; c < CB; ++c) out[t * b + c] = sum[t][c];
+  }
+}
+
+// One row of patches: columns c in steps of 4, then one at a time.
+template <typename acc, int64_t Bytes, int64_t TB>
+ORTHOFT_ALWAYS_INLINE void rotation_grad_rows(const simd_t<acc, Bytes>* x, const simd_t<acc, Bytes>* g,
+                                              const int64_t* p, int64_t t, simd_t<acc, Bytes>* out, int64_t b) {
+  int64_t c = 0;
+  for (; c + 4 <= b; c += 4) rotation_grad_patch<acc, Bytes, TB, 4>(x, g, p + t, p + c, out + t * b + c, b);
+  for (; c < b; ++c) rotation_grad_patch<acc, Bytes, TB, 1>(x, g, p + t, p + c, out + t * b + c, b);
+}
+
 // grad_lanes[blk, t, c] += in_block^T @ grad_block over the tile's rows, kept as one vector of
 // partial sums per entry (padding rows are zero); reduce_lanes folds them once all tiles are done.
-template <typename acc>
+// Patches of 4 (AVX-512's 32 registers) or 2 rows by 4 columns.
+template <typename acc, int64_t Bytes>
 ORTHOFT_ALWAYS_INLINE void accumulate_rotation_grad(const acc* in, const acc* grad, const int64_t* pos,
                                                     int64_t blocks, int64_t b, acc* grad_lanes) {
-  using V = simd_t<acc>;
-  constexpr int64_t lanes = kSimdPerColumn<acc>;
+  using V = simd_t<acc, Bytes>;
+  constexpr int64_t patch_rows = Bytes == 64 ? 4 : 2;
   const V* x = reinterpret_cast<const V*>(in);
   const V* g = reinterpret_cast<const V*>(grad);
   V* out = reinterpret_cast<V*>(grad_lanes);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t* p = pos + blk * b;
-    for (int64_t t = 0; t < b; ++t) {
-      for (int64_t c = 0; c < b; ++c) {
-        V sum = out[(blk * b + t) * b + c];
-        for (int64_t l = 0; l < lanes; ++l) sum += x[p[t] * lanes + l] * g[p[c] * lanes + l];
-        out[(blk * b + t) * b + c] = sum;
-      }
-    }
+    V* block_out = out + blk * b * b;
+    int64_t t = 0;
+    for (; t + patch_rows <= b; t += patch_rows) rotation_grad_rows<acc, Bytes, patch_rows>(x, g, p, t, block_out, b);
+    for (; t < b; ++t) rotation_grad_rows<acc, Bytes, 1>(x, g, p, t, block_out, b);
   }
 }
 
-template <typename acc>
+template <typename acc, int64_t Bytes>
 ORTHOFT_ALWAYS_INLINE void reduce_lanes(const acc* grad_lanes, int64_t count, acc* grad_rot) {
-  constexpr int64_t width = sizeof(simd_t<acc>) / sizeof(acc);
+  constexpr int64_t width = kSimdWidth<acc, Bytes>;
   for (int64_t i = 0; i < count; ++i) {
     acc total = 0;
     for (int64_t e = 0; e < width; ++e) total += grad_lanes[i * width + e];
@@ -196,7 +216,7 @@ struct ForwardArgs {
   scalar_t* y;
 };
 
-template <typename scalar_t, typename acc>
+template <int64_t Bytes, typename scalar_t, typename acc>
 ORTHOFT_ALWAYS_INLINE void forward_items(const ForwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
   const Tiling& p = a.p;
   std::vector<acc> storage((p.chunk + p.b) * kTileRows);
@@ -208,8 +228,9 @@ ORTHOFT_ALWAYS_INLINE void forward_items(const ForwardArgs<scalar_t, acc>& a, in
     const int64_t rows = std::min(kTileRows, p.rows - first);
     load_tile(a.x, p, first, rows, chunk, buf);
     for (int64_t i = p.m - 1; i >= 0; --i) {
-      apply_factor(buf, a.positions + i * p.chunk, a.rot + i * p.factor_stride() + chunk * p.chunk * p.b,
-                   p.blocks_per_chunk(), p.b, scratch);
+      apply_factor<acc, Bytes>(buf, a.positions + i * p.chunk,
+                               a.rot + i * p.factor_stride() + chunk * p.chunk * p.b, p.blocks_per_chunk(), p.b,
+                               scratch);
     }
     store_tile(buf, p, first, rows, chunk, a.y);
   }
@@ -231,13 +252,13 @@ struct BackwardArgs {
 // Rows are split into `parts` interleaved sets of tiles, each summing into its own partial rotation
 // gradient; item = (part, chunk). Without grad_x the last factor's transposed product and the store are
 // skipped; without the rotations' gradient, so are the factor inputs and their outer products.
-template <typename scalar_t, typename acc>
+template <int64_t Bytes, typename scalar_t, typename acc>
 ORTHOFT_ALWAYS_INLINE void backward_items(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
   const Tiling& p = a.p;
   const bool need_rot = a.partial != nullptr;
   const int64_t tile_size = p.chunk * kTileRows;
   // stages[i]: the input of factor i (stage m-1 is x); gbuf: the gradient flowing back.
-  constexpr int64_t width = sizeof(simd_t<acc>) / sizeof(acc);
+  constexpr int64_t width = kSimdWidth<acc, Bytes>;
   const int64_t factor_entries = p.chunk * p.b;  // rotation entries of one factor inside a tile
   const int64_t num_stages = need_rot ? p.m : 0;
   std::vector<acc> storage((num_stages + 1) * tile_size + p.b * kTileRows);
@@ -259,19 +280,19 @@ ORTHOFT_ALWAYS_INLINE void backward_items(const BackwardArgs<scalar_t, acc>& a, 
         for (int64_t i = p.m - 1; i >= 1; --i) {
           acc* next = stages + (i - 1) * tile_size;
           std::copy_n(stages + i * tile_size, tile_size, next);
-          apply_factor(next, a.positions + i * p.chunk, rot + i * p.factor_stride(), p.blocks_per_chunk(), p.b,
-                       scratch);
+          apply_factor<acc, Bytes>(next, a.positions + i * p.chunk, rot + i * p.factor_stride(),
+                                   p.blocks_per_chunk(), p.b, scratch);
         }
       }
       load_tile(a.grad, p, first, rows, chunk, gbuf);
       for (int64_t i = 0; i < p.m; ++i) {
         const int64_t* pos = a.positions + i * p.chunk;
         if (need_rot) {
-          accumulate_rotation_grad(stages + i * tile_size, gbuf, pos, p.blocks_per_chunk(), p.b,
-                                   grad_lanes.data() + i * factor_entries * width);
+          accumulate_rotation_grad<acc, Bytes>(stages + i * tile_size, gbuf, pos, p.blocks_per_chunk(), p.b,
+                                               grad_lanes.data() + i * factor_entries * width);
         }
         if (i + 1 < p.m || a.grad_x != nullptr) {
-          apply_factor(gbuf, pos, rot_t + i * p.factor_stride(), p.blocks_per_chunk(), p.b, scratch);
+          apply_factor<acc, Bytes>(gbuf, pos, rot_t + i * p.factor_stride(), p.blocks_per_chunk(), p.b, scratch);
         }
       }
       if (a.grad_x != nullptr) store_tile(gbuf, p, first, rows, chunk, a.grad_x);
@@ -279,8 +300,8 @@ ORTHOFT_ALWAYS_INLINE void backward_items(const BackwardArgs<scalar_t, acc>& a, 
     if (need_rot) {
       acc* grad_rot = a.partial + part * p.m * p.factor_stride() + chunk * p.chunk * p.b;
       for (int64_t i = 0; i < p.m; ++i) {
-        reduce_lanes(grad_lanes.data() + i * factor_entries * width, factor_entries,
-                     grad_rot + i * p.factor_stride());
+        reduce_lanes<acc, Bytes>(grad_lanes.data() + i * factor_entries * width, factor_entries,
+                                 grad_rot + i * p.factor_stride());
       }
     }
   }
@@ -295,8 +316,8 @@ constexpr int64_t kBlockTaskRows = 96;
 // Wider blocks go to BLAS, which is faster there (butterfly_by_matmul).
 constexpr int64_t kMaxKernelBlock = 32;
 
-template <typename T>
-constexpr int64_t kPanelColumns = 2 * sizeof(simd_t<T>) / sizeof(T);
+template <typename T, int64_t Bytes>
+constexpr int64_t kPanelColumns = 2 * kSimdWidth<T, Bytes>;
 
 template <typename T>
 struct BlockArgs {
@@ -306,10 +327,10 @@ struct BlockArgs {
   int64_t rows, n, b;
 };
 
-template <typename T, int64_t R>
+template <typename T, int64_t Bytes, int64_t R>
 ORTHOFT_ALWAYS_INLINE void block_panel(const T* x, const T* w, T* y, int64_t n, int64_t b) {
-  using V = simd_t<T>;
-  constexpr int64_t half = kPanelColumns<T> / 2;
+  using V = simd_t<T, Bytes>;
+  constexpr int64_t half = kSimdWidth<T, Bytes>;
   V acc0[R] = {};
   V acc1[R] = {};
   for (int64_t t = 0; t < b; ++t) {
@@ -327,68 +348,44 @@ ORTHOFT_ALWAYS_INLINE void block_panel(const T* x, const T* w, T* y, int64_t n, 
   }
 }
 
-template <typename T>
+template <typename T, int64_t Bytes>
 ORTHOFT_ALWAYS_INLINE void block_items(const BlockArgs<T>& a, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     const int64_t first = item * kBlockTaskRows;
     const int64_t last = std::min(a.rows, first + kBlockTaskRows);
     for (int64_t col = 0; col < a.n; col += a.b) {
-      for (int64_t c = 0; c < a.b; c += kPanelColumns<T>) {
+      for (int64_t c = 0; c < a.b; c += kPanelColumns<T, Bytes>) {
         const T* w = a.w + col * a.b + c;
         int64_t r = first;
         for (; r + kPanelRows <= last; r += kPanelRows) {
-          block_panel<T, kPanelRows>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
+          block_panel<T, Bytes, kPanelRows>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
         }
-        for (; r < last; ++r) block_panel<T, 1>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
+        for (; r < last; ++r) {
+          block_panel<T, Bytes, 1>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
+        }
       }
     }
   }
 }
 
-#if ORTHOFT_HAVE_AVX2_PATH
-template <typename scalar_t, typename acc>
-ORTHOFT_TARGET_AVX2 void forward_items_avx2(const ForwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
-  forward_items(a, begin, end);
-}
-
-template <typename scalar_t, typename acc>
-ORTHOFT_TARGET_AVX2 void backward_items_avx2(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
-  backward_items(a, begin, end);
-}
-
-template <typename T>
-ORTHOFT_TARGET_AVX2 void block_items_avx2(const BlockArgs<T>& a, int64_t begin, int64_t end) {
-  block_items(a, begin, end);
-}
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#endif
-
 template <typename scalar_t, typename acc>
 void run_forward(const ForwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
-#if ORTHOFT_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return forward_items_avx2(a, begin, end);
-#endif
-  forward_items(a, begin, end);
+  run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA { forward_items<kVectorBytes<isa.isa>>(a, begin, end); });
 }
 
 template <typename scalar_t, typename acc>
 void run_backward(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
-#if ORTHOFT_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return backward_items_avx2(a, begin, end);
-#endif
-  backward_items(a, begin, end);
+  run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA { backward_items<kVectorBytes<isa.isa>>(a, begin, end); });
 }
 
+// Panels of two AVX-512 vectors where the blocks hold whole ones, else of two AVX2-wide vectors.
 template <typename T>
 void run_blocks(const BlockArgs<T>& a, int64_t begin, int64_t end) {
-#if ORTHOFT_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return block_items_avx2(a, begin, end);
-#endif
-  block_items(a, begin, end);
+  run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA {
+    constexpr int64_t bytes = kVectorBytes<isa.isa>;
+    if (a.b % kPanelColumns<T, bytes> == 0) return block_items<T, bytes>(a, begin, end);
+    block_items<T, 32>(a, begin, end);
+  });
 }
 
 // One factor of float blocks of 16 or more columns is a product of each block of columns with its
@@ -401,7 +398,7 @@ bool one_wide_factor(const Tensor& x, const Tiling& p) {
 
 // Blocks the block kernel takes: whole panels of columns, at most kMaxKernelBlock.
 bool use_block_kernel(const Tensor& x, const Tiling& p) {
-  const int64_t panel = x.scalar_type() == ScalarType::Float ? kPanelColumns<float> : kPanelColumns<double>;
+  const int64_t panel = x.scalar_type() == ScalarType::Float ? kPanelColumns<float, 32> : kPanelColumns<double, 32>;
   return p.b <= kMaxKernelBlock && p.b % panel == 0;
 }
 
