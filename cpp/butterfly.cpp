@@ -14,6 +14,7 @@
 #include "butterfly.h"
 #include "checks.h"
 #include "cpu_isa.h"
+#include "simd.h"
 
 namespace orthoft {
 namespace {
@@ -21,19 +22,9 @@ namespace {
 constexpr int64_t kTileRows = 32;
 constexpr int64_t kMinTileColumns = 256;
 
-// A vector of Bytes bytes of the accumulation type (GCC/Clang vector extension): kTileRows rows of one
-// tile column are kSimdPerColumn of them. may_alias lets the tile be read and written as scalars too;
-// the element alignment keeps loads unaligned, as the buffers are not aligned to the vector width.
-template <typename T, int64_t Bytes>
-struct Simd {
-  typedef T type __attribute__((vector_size(Bytes), may_alias, aligned(sizeof(T))));
-};
-template <typename T, int64_t Bytes>
-using simd_t = typename Simd<T, Bytes>::type;
+// kTileRows rows of one tile column are kSimdPerColumn vectors (simd.h), which the tile's buffers hold.
 template <typename T, int64_t Bytes>
 constexpr int64_t kSimdPerColumn = kTileRows * sizeof(T) / Bytes;
-template <typename T, int64_t Bytes>
-constexpr int64_t kSimdWidth = Bytes / sizeof(T);
 
 // positions[i * C + blk * b + t]: the column, inside a tile of C columns, of element t of local block blk of
 // factor i. Factor i splits the chunk into pieces of c = b * 2^i; block d of a piece takes b/2
@@ -307,67 +298,6 @@ ORTHOFT_ALWAYS_INLINE void backward_items(const BackwardArgs<scalar_t, acc>& a, 
   }
 }
 
-// One factor of wide float blocks: y = x @ blockdiag(w_1 .. w_D) on row-major rows, each block's product
-// written straight into its columns of y. A panel keeps kPanelRows rows x two vectors of one block's
-// output columns in registers while it runs over the block's b inputs; a task takes kBlockTaskRows rows
-// through every block.
-constexpr int64_t kPanelRows = 6;
-constexpr int64_t kBlockTaskRows = 96;
-// Wider blocks go to BLAS, which is faster there (butterfly_by_matmul).
-constexpr int64_t kMaxKernelBlock = 32;
-
-template <typename T, int64_t Bytes>
-constexpr int64_t kPanelColumns = 2 * kSimdWidth<T, Bytes>;
-
-template <typename T>
-struct BlockArgs {
-  const T* x;
-  const T* w;  // (D, b, b)
-  T* y;
-  int64_t rows, n, b;
-};
-
-template <typename T, int64_t Bytes, int64_t R>
-ORTHOFT_ALWAYS_INLINE void block_panel(const T* x, const T* w, T* y, int64_t n, int64_t b) {
-  using V = simd_t<T, Bytes>;
-  constexpr int64_t half = kSimdWidth<T, Bytes>;
-  V acc0[R] = {};
-  V acc1[R] = {};
-  for (int64_t t = 0; t < b; ++t) {
-    const V w0 = *reinterpret_cast<const V*>(w + t * b);
-    const V w1 = *reinterpret_cast<const V*>(w + t * b + half);
-    for (int64_t r = 0; r < R; ++r) {
-      const T v = x[r * n + t];
-      acc0[r] += v * w0;
-      acc1[r] += v * w1;
-    }
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    *reinterpret_cast<V*>(y + r * n) = acc0[r];
-    *reinterpret_cast<V*>(y + r * n + half) = acc1[r];
-  }
-}
-
-template <typename T, int64_t Bytes>
-ORTHOFT_ALWAYS_INLINE void block_items(const BlockArgs<T>& a, int64_t begin, int64_t end) {
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t first = item * kBlockTaskRows;
-    const int64_t last = std::min(a.rows, first + kBlockTaskRows);
-    for (int64_t col = 0; col < a.n; col += a.b) {
-      for (int64_t c = 0; c < a.b; c += kPanelColumns<T, Bytes>) {
-        const T* w = a.w + col * a.b + c;
-        int64_t r = first;
-        for (; r + kPanelRows <= last; r += kPanelRows) {
-          block_panel<T, Bytes, kPanelRows>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
-        }
-        for (; r < last; ++r) {
-          block_panel<T, Bytes, 1>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
-        }
-      }
-    }
-  }
-}
-
 template <typename scalar_t, typename acc>
 void run_forward(const ForwardArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
   run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA { forward_items<kVectorBytes<isa.isa>>(a, begin, end); });
@@ -378,49 +308,12 @@ void run_backward(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t e
   run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA { backward_items<kVectorBytes<isa.isa>>(a, begin, end); });
 }
 
-// Panels of two AVX-512 vectors where the blocks hold whole ones, else of two AVX2-wide vectors.
-template <typename T>
-void run_blocks(const BlockArgs<T>& a, int64_t begin, int64_t end) {
-  run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA {
-    constexpr int64_t bytes = kVectorBytes<isa.isa>;
-    if (a.b % kPanelColumns<T, bytes> == 0) return block_items<T, bytes>(a, begin, end);
-    block_items<T, 32>(a, begin, end);
-  });
-}
-
 // One factor of float blocks of 16 or more columns is a product of each block of columns with its
-// rotation, which the tile loops (made for chains of small blocks) do slower: the block kernel takes it
-// up to kMaxKernelBlock columns, BLAS beyond, (D, rows, b) @ (D, b, b) through torch's dispatcher
-// (butterfly.h).
+// rotation, which the tile loops (made for chains of small blocks) do slower: the block kernels take
+// the block sizes block_kernel_takes, BLAS the others, (D, rows, b) @ (D, b, b) through torch's
+// dispatcher (butterfly.h).
 bool one_wide_factor(const Tensor& x, const Tiling& p) {
   return p.m == 1 && p.b >= 16 && (x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double);
-}
-
-// Blocks the block kernel takes: whole panels of columns, at most kMaxKernelBlock.
-bool use_block_kernel(const Tensor& x, const Tiling& p) {
-  const int64_t panel = x.scalar_type() == ScalarType::Float ? kPanelColumns<float, 32> : kPanelColumns<double, 32>;
-  return p.b <= kMaxKernelBlock && p.b % panel == 0;
-}
-
-template <typename T>
-void block_product_into(const Tensor& x, const Tensor& w, int64_t block_size, Tensor& out) {
-  const int64_t n = x.size(-1);
-  const int64_t rows = n == 0 ? 0 : x.numel() / n;
-  const BlockArgs<T> args{x.const_data_ptr<T>(), w.const_data_ptr<T>(), out.mutable_data_ptr<T>(), rows, n,
-                          block_size};
-  torch::stable::parallel_for(0, (rows + kBlockTaskRows - 1) / kBlockTaskRows, 1,
-                              [&](int64_t begin, int64_t end) { run_blocks(args, begin, end); });
-}
-
-// x (contiguous, float or double) @ blockdiag(w), w (1, D, b, b) contiguous in x's dtype.
-Tensor block_product(const Tensor& x, const Tensor& w, int64_t block_size) {
-  Tensor out = new_tensor(x, shape(x));
-  if (x.scalar_type() == ScalarType::Float) {
-    block_product_into<float>(x, w, block_size, out);
-  } else {
-    block_product_into<double>(x, w, block_size, out);
-  }
-  return out;
 }
 
 Tensor to_acc_contiguous(const Tensor& t) {
@@ -434,7 +327,7 @@ Tensor butterfly_cpu(const Tensor& x, const Tensor& rotations, int64_t block_siz
   STD_TORCH_CHECK(x.is_cpu(), "orthoft.ops.butterfly: the CPU kernel got x on another device");
   const Tiling p(x, rotations, block_size);
   if (one_wide_factor(x, p)) {
-    if (!use_block_kernel(x, p)) return butterfly_by_matmul(x, rotations, block_size);
+    if (!block_kernel_takes(x, block_size)) return butterfly_by_matmul(x, rotations, block_size);
     return block_product(torch::stable::contiguous(x), to_acc_contiguous(rotations), block_size);
   }
   const Tensor in = torch::stable::contiguous(x);
@@ -460,12 +353,18 @@ std::tuple<Tensor, Tensor> butterfly_backward_cpu(const Tensor& grad, const Tens
   const bool need_rot = output_mask[1];
   const Tiling p(x, rotations, block_size);
   if (one_wide_factor(x, p)) {
-    if (!use_block_kernel(x, p)) return butterfly_backward_by_matmul(grad, x, rotations, block_size, output_mask);
+    if (!block_kernel_takes(x, block_size)) {
+      return butterfly_backward_by_matmul(grad, x, rotations, block_size, output_mask);
+    }
     // x's gradient by the block kernel with the transposed blocks; the rotations' gradient, x^T @ grad
-    // per block, by BLAS.
-    const Tensor grad_rot =
-        need_rot ? std::get<1>(butterfly_backward_by_matmul(grad, x, rotations, block_size, {false, true}))
-                 : torch::stable::new_empty(rotations, {0});
+    // per block, by its gradient kernel.
+    const Tensor grad_rot = need_rot ? torch::stable::to(
+                                           torch::stable::reshape(block_gradient(torch::stable::contiguous(x),
+                                                                                 torch::stable::contiguous(grad),
+                                                                                 block_size),
+                                                                  shape(rotations)),
+                                           rotations.scalar_type())
+                                     : torch::stable::new_empty(rotations, {0});
     if (!need_x) return {torch::stable::new_empty(x, {0}), grad_rot};
     const Tensor rot_t = torch::stable::contiguous(torch::stable::transpose(to_acc_contiguous(rotations), -1, -2));
     return {block_product(torch::stable::contiguous(grad), rot_t, block_size), grad_rot};

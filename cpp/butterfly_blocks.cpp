@@ -1,0 +1,198 @@
+// CPU kernels of one butterfly factor of wide float blocks on row-major rows: y = x @ blockdiag(w) and the
+// blocks' gradient x^T @ grad per block, each block a slice of columns, read and written in place.
+//
+// A panel keeps a few rows by two vectors of one block's columns in registers: the product runs over
+// the block's b inputs of kPanelRows rows, the gradient over the rows for kGradPanelRows of its b
+// inputs. Vectors are AVX-512's where the blocks hold whole panels of them, else AVX2's width.
+#include <algorithm>
+#include <type_traits>
+
+#include "butterfly.h"
+#include "cpu_isa.h"
+#include "simd.h"
+
+namespace orthoft {
+namespace {
+
+constexpr int64_t kPanelRows = 6;
+constexpr int64_t kBlockTaskRows = 96;
+// Rows a gradient task reads per pass over its block: two 96-row slices of a 32-column block stay in L1.
+constexpr int64_t kGradChunkRows = 96;
+// Wider blocks go to BLAS, which is faster there (butterfly_by_matmul).
+constexpr int64_t kMaxKernelBlock = 32;
+
+template <typename T, int64_t Bytes>
+constexpr int64_t kPanelColumns = 2 * kSimdWidth<T, Bytes>;
+
+// Inputs of the gradient a panel holds: 8 x 2 accumulators of AVX-512's 32 registers, 6 x 2 of AVX2's 16.
+template <int64_t Bytes>
+constexpr int64_t kGradPanelRows = Bytes == 64 ? 8 : 6;
+
+template <typename T>
+struct BlockArgs {
+  const T* x;
+  const T* w;  // (D, b, b)
+  T* y;
+  int64_t rows, n, b;
+};
+
+// y[r, c .. c + 2V] = x[r, block] @ w[:, c .. c + 2V] for R rows.
+template <typename T, int64_t Bytes, int64_t R>
+ORTHOFT_ALWAYS_INLINE void product_panel(const T* x, const T* w, T* y, int64_t n, int64_t b) {
+  using V = simd_t<T, Bytes>;
+  constexpr int64_t half = kSimdWidth<T, Bytes>;
+  V acc0[R] = {};
+  V acc1[R] = {};
+  for (int64_t t = 0; t < b; ++t) {
+    const V w0 = *reinterpret_cast<const V*>(w + t * b);
+    const V w1 = *reinterpret_cast<const V*>(w + t * b + half);
+    for (int64_t r = 0; r < R; ++r) {
+      const T v = x[r * n + t];
+      acc0[r] += v * w0;
+      acc1[r] += v * w1;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    *reinterpret_cast<V*>(y + r * n) = acc0[r];
+    *reinterpret_cast<V*>(y + r * n + half) = acc1[r];
+  }
+}
+
+// Task item: kBlockTaskRows rows through every block.
+template <typename T, int64_t Bytes>
+ORTHOFT_ALWAYS_INLINE void product_items(const BlockArgs<T>& a, int64_t begin, int64_t end) {
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t first = item * kBlockTaskRows;
+    const int64_t last = std::min(a.rows, first + kBlockTaskRows);
+    for (int64_t col = 0; col < a.n; col += a.b) {
+      for (int64_t c = 0; c < a.b; c += kPanelColumns<T, Bytes>) {
+        const T* w = a.w + col * a.b + c;
+        int64_t r = first;
+        for (; r + kPanelRows <= last; r += kPanelRows) {
+          product_panel<T, Bytes, kPanelRows>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
+        }
+        for (; r < last; ++r) {
+          product_panel<T, Bytes, 1>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
+        }
+      }
+    }
+  }
+}
+
+// out[t .. t + R, 0 .. 2V] += x[:, t .. t + R]^T @ grad[:, 0 .. 2V] over `rows` rows n apart; out's rows
+// are b apart.
+template <typename T, int64_t Bytes, int64_t R>
+ORTHOFT_ALWAYS_INLINE void gradient_panel(const T* x, const T* grad, int64_t rows, int64_t n, T* out, int64_t b) {
+  using V = simd_t<T, Bytes>;
+  constexpr int64_t half = kSimdWidth<T, Bytes>;
+  V acc0[R];
+  V acc1[R];
+  for (int64_t t = 0; t < R; ++t) {
+    acc0[t] = *reinterpret_cast<const V*>(out + t * b);
+    acc1[t] = *reinterpret_cast<const V*>(out + t * b + half);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const V g0 = *reinterpret_cast<const V*>(grad + r * n);
+    const V g1 = *reinterpret_cast<const V*>(grad + r * n + half);
+    for (int64_t t = 0; t < R; ++t) {
+      const T v = x[r * n + t];
+      acc0[t] += v * g0;
+      acc1[t] += v * g1;
+    }
+  }
+  for (int64_t t = 0; t < R; ++t) {
+    *reinterpret_cast<V*>(out + t * b) = acc0[t];
+    *reinterpret_cast<V*>(out + t * b + half) = acc1[t];
+  }
+}
+
+// Task item: one block over every row, into its zeroed (b, b) slice of out.
+template <typename T, int64_t Bytes>
+ORTHOFT_ALWAYS_INLINE void gradient_items(const BlockArgs<T>& a, int64_t begin, int64_t end) {
+  constexpr int64_t panel_rows = kGradPanelRows<Bytes>;
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t col = block * a.b;
+    T* out = a.y + block * a.b * a.b;
+    for (int64_t first = 0; first < a.rows; first += kGradChunkRows) {
+      const int64_t rows = std::min(kGradChunkRows, a.rows - first);
+      const T* x = a.x + first * a.n + col;
+      const T* grad = a.w + first * a.n + col;
+      for (int64_t c = 0; c < a.b; c += kPanelColumns<T, Bytes>) {
+        int64_t t = 0;
+        for (; t + panel_rows <= a.b; t += panel_rows) {
+          gradient_panel<T, Bytes, panel_rows>(x + t, grad + c, rows, a.n, out + t * a.b + c, a.b);
+        }
+        for (; t < a.b; ++t) gradient_panel<T, Bytes, 1>(x + t, grad + c, rows, a.n, out + t * a.b + c, a.b);
+      }
+    }
+  }
+}
+
+// Runs items(args, begin, end) with AVX-512's vectors where the blocks hold whole panels of them, else
+// with AVX2-wide ones.
+template <typename T, typename Items>
+void run_items(const BlockArgs<T>& a, int64_t begin, int64_t end, const Items& items) {
+  run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA {
+    constexpr int64_t bytes = kVectorBytes<isa.isa>;
+    if (a.b % kPanelColumns<T, bytes> == 0) return items(a, begin, end, std::integral_constant<int64_t, bytes>{});
+    items(a, begin, end, std::integral_constant<int64_t, 32>{});
+  });
+}
+
+int64_t rows_of(const Tensor& x) { return x.size(-1) == 0 ? 0 : x.numel() / x.size(-1); }
+
+template <typename T>
+void product_into(const Tensor& x, const Tensor& w, int64_t block_size, Tensor& out) {
+  const int64_t rows = rows_of(x);
+  const BlockArgs<T> args{x.const_data_ptr<T>(), w.const_data_ptr<T>(), out.mutable_data_ptr<T>(), rows,
+                          x.size(-1), block_size};
+  torch::stable::parallel_for(0, (rows + kBlockTaskRows - 1) / kBlockTaskRows, 1, [&](int64_t begin, int64_t end) {
+    run_items(args, begin, end, [](const auto& a, int64_t b, int64_t e, auto bytes) ORTHOFT_INLINE_LAMBDA {
+      product_items<T, decltype(bytes)::value>(a, b, e);
+    });
+  });
+}
+
+// Gradient args: x as x, grad in place of w, the (D, b, b) gradient as y.
+template <typename T>
+void gradient_into(const Tensor& x, const Tensor& grad, int64_t block_size, Tensor& out) {
+  std::fill(out.mutable_data_ptr<T>(), out.mutable_data_ptr<T>() + out.numel(), T(0));
+  const BlockArgs<T> args{x.const_data_ptr<T>(), grad.const_data_ptr<T>(), out.mutable_data_ptr<T>(), rows_of(x),
+                          x.size(-1), block_size};
+  torch::stable::parallel_for(0, x.size(-1) / block_size, 1, [&](int64_t begin, int64_t end) {
+    run_items(args, begin, end, [](const auto& a, int64_t b, int64_t e, auto bytes) ORTHOFT_INLINE_LAMBDA {
+      gradient_items<T, decltype(bytes)::value>(a, b, e);
+    });
+  });
+}
+
+}  // namespace
+
+bool block_kernel_takes(const Tensor& x, int64_t block_size) {
+  const bool is_float = x.scalar_type() == ScalarType::Float;
+  if (!is_float && x.scalar_type() != ScalarType::Double) return false;
+  const int64_t panel = is_float ? kPanelColumns<float, 32> : kPanelColumns<double, 32>;
+  return block_size <= kMaxKernelBlock && block_size % panel == 0;
+}
+
+Tensor block_product(const Tensor& x, const Tensor& w, int64_t block_size) {
+  Tensor out = new_tensor(x, shape(x));
+  if (x.scalar_type() == ScalarType::Float) {
+    product_into<float>(x, w, block_size, out);
+  } else {
+    product_into<double>(x, w, block_size, out);
+  }
+  return out;
+}
+
+Tensor block_gradient(const Tensor& x, const Tensor& grad, int64_t block_size) {
+  Tensor out = new_tensor(x, {x.size(-1) / block_size, block_size, block_size});
+  if (x.scalar_type() == ScalarType::Float) {
+    gradient_into<float>(x, grad, block_size, out);
+  } else {
+    gradient_into<double>(x, grad, block_size, out);
+  }
+  return out;
+}
+
+}  // namespace orthoft
