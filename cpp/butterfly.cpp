@@ -111,8 +111,32 @@ ORTHOFT_ALWAYS_INLINE void factor_columns(const simd_t<acc, Bytes>* tile, const 
   }
 }
 
+// v <- v @ R for every block of B columns, all B outputs in registers before any is stored, so they go
+// straight back into the tile.
+template <typename acc, int64_t Bytes, int64_t B>
+ORTHOFT_ALWAYS_INLINE void whole_blocks(simd_t<acc, Bytes>* tile, const int64_t* pos, const acc* rot,
+                                        int64_t blocks) {
+  using V = simd_t<acc, Bytes>;
+  constexpr int64_t lanes = kSimdPerColumn<acc, Bytes>;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t* p = pos + blk * B;
+    const acc* r = rot + blk * B * B;
+    V sum[B][lanes] = {};
+    for (int64_t t = 0; t < B; ++t) {
+      const V* in = tile + p[t] * lanes;
+      for (int64_t g = 0; g < B; ++g) {
+        for (int64_t l = 0; l < lanes; ++l) sum[g][l] += r[t * B + g] * in[l];
+      }
+    }
+    for (int64_t g = 0; g < B; ++g) {
+      for (int64_t l = 0; l < lanes; ++l) tile[p[g] * lanes + l] = sum[g][l];
+    }
+  }
+}
+
 // In place on a column-major tile: for each block, v <- v @ R, in groups of output columns that keep
-// 8 (AVX2's 16 registers) or 16 (AVX-512's 32) accumulator vectors.
+// 8 (AVX2's 16 registers) or 16 (AVX-512's 32) accumulator vectors: a whole block where one group
+// holds it, else through scratch.
 template <typename acc, int64_t Bytes>
 ORTHOFT_ALWAYS_INLINE void apply_factor(acc* buf, const int64_t* pos, const acc* rot, int64_t blocks,
                                         int64_t b, acc* scratch) {
@@ -120,6 +144,9 @@ ORTHOFT_ALWAYS_INLINE void apply_factor(acc* buf, const int64_t* pos, const acc*
   constexpr int64_t lanes = kSimdPerColumn<acc, Bytes>;
   constexpr int64_t group = std::max<int64_t>(1, (Bytes == 64 ? 16 : 8) / lanes);
   V* tile = reinterpret_cast<V*>(buf);
+  if (group >= 8 && b == 8) return whole_blocks<acc, Bytes, 8>(tile, pos, rot, blocks);
+  if (group >= 4 && b == 4) return whole_blocks<acc, Bytes, 4>(tile, pos, rot, blocks);
+  if (group >= 2 && b == 2) return whole_blocks<acc, Bytes, 2>(tile, pos, rot, blocks);
   V* out = reinterpret_cast<V*>(scratch);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t* p = pos + blk * b;
