@@ -158,6 +158,19 @@ def test_low_precision_against_float64(dtype: torch.dtype, device: str) -> None:
         assert_close_rel(g, w, dtype)
 
 
+@pytest.mark.parametrize(("b", "m", "n", "batch"), CASES)
+def test_float32_against_float64(b: int, m: int, n: int, batch: tuple[int, ...], device: str) -> None:
+    # float32 runs other vector kernels than float64: twice the elements per vector.
+    x64, rot64 = _rand(b, m, n, batch, device)
+    grad64 = torch.randn_like(x64)
+    x, rotations, grad = x64.float(), rot64.float(), grad64.float()
+    assert_close_rel(ops.butterfly(x, rotations, b), reference.butterfly(x64, rot64, b), torch.float32)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, b, [True, True])
+    want = reference.butterfly_backward(grad64, x64, rot64, b)
+    for g, w in zip(got, want, strict=True):
+        assert_close_rel(g, w, torch.float32)
+
+
 def test_empty_rows(device: str) -> None:
     x, rotations = _rand(4, 2, 16, (0,), device)
     assert ops.butterfly(x, rotations, 4).shape == (0, 16)
