@@ -58,25 +58,25 @@ ORTHOFT_ALWAYS_INLINE void product_panel(const T* x, const T* w, T* y, int64_t n
   }
 }
 
-// Task item: kBlockTaskRows rows through every block.
-template <typename T, int64_t Bytes>
-ORTHOFT_ALWAYS_INLINE void product_items(const BlockArgs<T>& a, int64_t begin, int64_t end) {
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t first = item * kBlockTaskRows;
-    const int64_t last = std::min(a.rows, first + kBlockTaskRows);
-    for (int64_t col = 0; col < a.n; col += a.b) {
-      for (int64_t c = 0; c < a.b; c += kPanelColumns<T, Bytes>) {
-        const T* w = a.w + col * a.b + c;
-        int64_t r = first;
-        for (; r + kPanelRows <= last; r += kPanelRows) {
-          product_panel<T, Bytes, kPanelRows>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
-        }
-        for (; r < last; ++r) {
-          product_panel<T, Bytes, 1>(a.x + r * a.n + col, w, a.y + r * a.n + col + c, a.n, a.b);
-        }
-      }
+// Rows r .. r + R through every block.
+template <typename T, int64_t Bytes, int64_t R>
+ORTHOFT_ALWAYS_INLINE void product_rows(const BlockArgs<T>& a, int64_t r) {
+  for (int64_t col = 0; col < a.n; col += a.b) {
+    for (int64_t c = 0; c < a.b; c += kPanelColumns<T, Bytes>) {
+      product_panel<T, Bytes, R>(a.x + r * a.n + col, a.w + col * a.b + c, a.y + r * a.n + col + c, a.n, a.b);
     }
   }
+}
+
+// Task item: kBlockTaskRows rows, kPanelRows at a time through every block, so that x and y stream
+// row by row (the blocks' rotations stay in L2).
+template <typename T, int64_t Bytes>
+ORTHOFT_ALWAYS_INLINE void product_items(const BlockArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t first = begin * kBlockTaskRows;
+  const int64_t last = std::min(a.rows, end * kBlockTaskRows);
+  int64_t r = first;
+  for (; r + kPanelRows <= last; r += kPanelRows) product_rows<T, Bytes, kPanelRows>(a, r);
+  for (; r < last; ++r) product_rows<T, Bytes, 1>(a, r);
 }
 
 // out[t .. t + R, 0 .. 2V] += x[:, t .. t + R]^T @ grad[:, 0 .. 2V] over `rows` rows n apart; out's rows
