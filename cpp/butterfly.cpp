@@ -82,6 +82,18 @@ ORTHOFT_ALWAYS_INLINE void load_tile(const scalar_t* src, const Tiling& p, int64
   }
 }
 
+// Asks for the rows of the tile at (first, chunk) ahead of their use: a tile reads kTileRows rows n
+// apart, more streams than the hardware prefetchers follow.
+template <typename scalar_t>
+ORTHOFT_ALWAYS_INLINE void prefetch_tile(const scalar_t* src, const Tiling& p, int64_t first, int64_t chunk) {
+  constexpr int64_t line = 64 / sizeof(scalar_t);
+  const int64_t last = std::min(p.rows, first + kTileRows);
+  for (int64_t r = first; r < last; ++r) {
+    const scalar_t* row = src + r * p.n + chunk * p.chunk;
+    for (int64_t j = 0; j < p.chunk; j += line) __builtin_prefetch(row + j);
+  }
+}
+
 template <typename scalar_t, typename acc>
 ORTHOFT_ALWAYS_INLINE void store_tile(const acc* buf, const Tiling& p, int64_t first, int64_t rows,
                                       int64_t chunk, scalar_t* dst) {
@@ -244,6 +256,7 @@ ORTHOFT_ALWAYS_INLINE void forward_items(const ForwardArgs<scalar_t, acc>& a, in
     const int64_t chunk = item % p.chunks;
     const int64_t first = (item / p.chunks) * kTileRows;
     const int64_t rows = std::min(kTileRows, p.rows - first);
+    if (item + 1 < end) prefetch_tile(a.x, p, ((item + 1) / p.chunks) * kTileRows, (item + 1) % p.chunks);
     load_tile(a.x, p, first, rows, chunk, buf);
     for (int64_t i = p.m - 1; i >= 0; --i) {
       apply_factor<acc, Bytes>(buf, a.positions + i * p.chunk,
@@ -293,6 +306,10 @@ ORTHOFT_ALWAYS_INLINE void backward_items(const BackwardArgs<scalar_t, acc>& a, 
     for (int64_t tile = part; tile < p.tiles; tile += a.parts) {
       const int64_t first = tile * kTileRows;
       const int64_t rows = std::min(kTileRows, p.rows - first);
+      if (tile + a.parts < p.tiles) {
+        if (need_rot) prefetch_tile(a.x, p, first + a.parts * kTileRows, chunk);
+        prefetch_tile(a.grad, p, first + a.parts * kTileRows, chunk);
+      }
       if (need_rot) {
         load_tile(a.x, p, first, rows, chunk, stages + (p.m - 1) * tile_size);
         for (int64_t i = p.m - 1; i >= 1; --i) {
