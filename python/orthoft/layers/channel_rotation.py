@@ -4,10 +4,11 @@ For a 1x1 kernel the flattened filter is the input channels of one group, so
 ``conv(x, W R^T) = conv(x R, W)`` with ``x R`` acting on each group's channels at every pixel. Padding
 (of any mode), stride and dilation act on pixels only and commute with it. Rotating the input needs
 no gradient of the convolution's weight: the backward costs the frozen convolution's own input
-gradient plus three products with the dense chunks of ``R``, instead of a weight-gradient convolution.
+gradient plus two products with the dense chunks of ``R``, instead of a weight-gradient convolution.
+Forward convolves ``x`` with the rotated weight, which costs less than rotating ``x``.
 
-The rotated input is not kept for backward: the input gradient of a convolution only needs the
-input's shape, which the unrotated input has too.
+Backward takes the gradient of ``x R`` from a convolution with the unrotated weight: it needs only
+the input's shape, which ``x`` has too.
 """
 
 from __future__ import annotations
@@ -25,11 +26,6 @@ def _channel_blocks(x: torch.Tensor, groups: int, chunks: torch.Tensor) -> torch
     return x.reshape(x.shape[0], groups, n, c, -1)
 
 
-def rotate_channels(x: torch.Tensor, chunks: torch.Tensor, groups: int) -> torch.Tensor:
-    """Each pixel's channels of each group times ``R = blockdiag(chunks)``, as a row vector."""
-    return torch.matmul(chunks.mT, _channel_blocks(x, groups, chunks)).reshape(x.shape)
-
-
 class _RotatedInputConv(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -41,9 +37,9 @@ class _RotatedInputConv(torch.autograd.Function):
         conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int], int],
     ) -> torch.Tensor:
         stride, padding, dilation, groups = conv
-        rotated = rotate_channels(x, chunks, groups)
-        weight = _scaled(weight, scale)
-        return torch.nn.functional.conv2d(rotated, weight, bias, stride, padding, dilation, groups)
+        # conv(x R, W) = conv(x, W R^T): rotating the weight costs out / (N H W) of rotating x.
+        rotated = _rotate_filters(_scaled(weight, scale), chunks)
+        return torch.nn.functional.conv2d(x, rotated, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -86,6 +82,13 @@ class _RotatedInputConv(torch.autograd.Function):
         return grad_x, grad_chunks, None, grad_scale, (grad_bias if need_bias else None), None
 
 
+def _rotate_filters(weight: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+    """``W R^T`` for a 1x1 ``weight`` ``(out, F, 1, 1)``, ``R = blockdiag(chunks)`` ``(F/C, C, C)``."""
+    n, c = chunks.shape[:2]
+    filters = weight.reshape(weight.shape[0], n, c).transpose(0, 1)
+    return torch.matmul(filters, chunks.mT).transpose(0, 1).reshape(weight.shape)
+
+
 def _scaled(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return weight if scale is None else weight * scale.reshape(-1, 1, 1, 1)
 
@@ -98,7 +101,8 @@ def rotated_input_conv(
     bias: torch.Tensor | None,
     conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int], int],
 ) -> torch.Tensor:
-    """``conv2d(rotate_channels(x, chunks, groups), weight * scale, bias, *conv)``, ``weight`` 1x1, frozen.
+    """``conv2d(x R, weight * scale, bias, *conv)``, ``weight`` 1x1, frozen, where ``x R`` multiplies each
+    pixel's channels of each group, as a row vector, by ``R = blockdiag(chunks)``.
 
     ``conv`` is ``(stride, padding, dilation, groups)`` with a numeric padding (the caller pads other
     modes first); ``scale`` ``(out,)`` multiplies the weight's rows (BOFT), or is ``None``.
