@@ -1,40 +1,48 @@
-// CPU kernels of cayley. Exact forward: R = 2 inv(I+S) - I, one matrix per task by elimination (by
-// LAPACK's inverse above kMaxEliminationBlock), in the CPU's widest vectors (cpu_isa.h). Neumann series and both backwards: batched matrix
-// products (cayley_matmul.cpp).
+// CPU kernels of cayley, block by block in the CPU's widest vectors (cpu_isa.h). Exact forward:
+// R = 2 inv(I+S) - I by elimination (LAPACK's inverse above kMaxEliminationBlock). Neumann series and
+// both backwards: cayley_block.h (batched matrix products, cayley_matmul.cpp, above
+// kMaxCayleyBlockKernel).
 #include <algorithm>
+#include <type_traits>
 
 #include "cayley.h"
+#include "cayley_block.h"
 #include "checks.h"
 #include "small_matrix.h"
 
 namespace orthoft {
 
-Tensor cayley_cpu(const Tensor& skew, int64_t num_neumann_terms) {
-  check_cayley(skew, num_neumann_terms);
-  const int64_t n = skew.size(-1);
-  if (num_neumann_terms > 0 || n > kMaxEliminationBlock) {
-    return cayley_by_matmul(skew, num_neumann_terms);
-  }
-  const Tensor s = torch::stable::contiguous(skew);
-  Tensor out = new_tensor(s, shape(s));
-  const int64_t nn = n * n;
+namespace {
 
-  ORTHOFT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "orthoft_cayley_cpu", [&] {
+// out[i] = kernel(first[i], second[i]) for every n x n block i of first (and of second, when given), in
+// the accumulation type: each block is copied into scratch, worked on there and copied out.
+// kernel(first, second, out, scratch) gets scratch_matrices n x n matrices of scratch.
+template <typename Kernel>
+Tensor map_blocks(const Tensor& first, const Tensor* second, int64_t scratch_matrices, const Kernel& kernel) {
+  const Tensor a = torch::stable::contiguous(first);
+  const Tensor b = second == nullptr ? a : torch::stable::contiguous(*second);
+  Tensor out = new_tensor(a, shape(a));
+  const int64_t n = a.size(-1);
+  const int64_t nn = n * n;
+  if (nn == 0) return out;
+
+  ORTHOFT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "orthoft_cayley_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* src = s.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    torch::stable::parallel_for(0, s.numel() / nn, std::max<int64_t>(1, 256 / nn), [&](int64_t begin, int64_t end) {
-      std::vector<acc> scratch(4 * nn);  // skew, inverse, and the n x 2n work
-      acc* sk = scratch.data();
-      acc* inverse = sk + nn;
-      acc* work = inverse + nn;
+    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, a.numel() / nn, std::max<int64_t>(1, 256 / nn), [&](int64_t begin, int64_t end) {
+      std::vector<acc> storage((3 + scratch_matrices) * nn);
+      acc* in_a = storage.data();
+      acc* in_b = in_a + nn;
+      acc* result = in_b + nn;
+      acc* scratch = result + nn;
       run_for_cpu([&](auto) ORTHOFT_INLINE_LAMBDA {
         for (int64_t i = begin; i < end; ++i) {
-          std::copy(src + i * nn, src + (i + 1) * nn, sk);
-          inverse_of_identity_plus(n, sk, work, inverse);
-          for (int64_t j = 0; j < nn; ++j) inverse[j] *= acc(2);
-          for (int64_t j = 0; j < nn; j += n + 1) inverse[j] -= acc(1);
-          std::copy(inverse, inverse + nn, dst + i * nn);
+          std::copy(a_data + i * nn, a_data + (i + 1) * nn, in_a);
+          std::copy(b_data + i * nn, b_data + (i + 1) * nn, in_b);
+          kernel(n, in_a, in_b, result, scratch);
+          std::copy(result, result + nn, out_data + i * nn);
         }
       });
     });
@@ -42,10 +50,44 @@ Tensor cayley_cpu(const Tensor& skew, int64_t num_neumann_terms) {
   return out;
 }
 
+}  // namespace
+
+Tensor cayley_cpu(const Tensor& skew, int64_t num_neumann_terms) {
+  check_cayley(skew, num_neumann_terms);
+  const int64_t n = skew.size(-1);
+  if (num_neumann_terms > 0) {
+    if (n > kMaxCayleyBlockKernel) return cayley_by_matmul(skew, num_neumann_terms);
+    return map_blocks(skew, nullptr, block_scratch_matrices(num_neumann_terms),
+                      [&](int64_t n, const auto* s, const auto*, auto* out, auto* scratch) ORTHOFT_INLINE_LAMBDA {
+                        neumann_block(n, num_neumann_terms, s, out, scratch);
+                      });
+  }
+  if (n > kMaxEliminationBlock) return cayley_by_matmul(skew, num_neumann_terms);
+  // R = 2 inv(I + S) - I
+  return map_blocks(skew, nullptr, 2, [](int64_t n, const auto* s, const auto*, auto* out, auto* work)
+                                          ORTHOFT_INLINE_LAMBDA {
+                                            using acc = std::remove_pointer_t<decltype(out)>;
+                                            inverse_of_identity_plus(n, s, work, out);
+                                            for (int64_t j = 0; j < n * n; ++j) out[j] *= acc(2);
+                                            for (int64_t j = 0; j < n * n; j += n + 1) out[j] -= acc(1);
+                                          });
+}
+
 Tensor cayley_backward_cpu(const Tensor& grad, const Tensor& skew, const Tensor& rotation,
                            int64_t num_neumann_terms) {
   check_cayley_backward(grad, skew, rotation, num_neumann_terms);
-  return cayley_backward_by_matmul(grad, skew, rotation, num_neumann_terms);
+  if (grad.size(-1) > kMaxCayleyBlockKernel) {
+    return cayley_backward_by_matmul(grad, skew, rotation, num_neumann_terms);
+  }
+  if (num_neumann_terms > 0) {
+    return map_blocks(grad, &skew, block_scratch_matrices(num_neumann_terms),
+                      [&](int64_t n, const auto* g, const auto* s, auto* ds, auto* scratch) ORTHOFT_INLINE_LAMBDA {
+                        neumann_block_backward(n, num_neumann_terms, s, g, ds, scratch);
+                      });
+  }
+  return map_blocks(grad, &rotation, 2,
+                    [](int64_t n, const auto* g, const auto* r, auto* ds, auto* scratch)
+                        ORTHOFT_INLINE_LAMBDA { exact_block_backward(n, r, g, ds, scratch); });
 }
 
 STABLE_TORCH_LIBRARY_IMPL(orthoft, CPU, m) {

@@ -1,6 +1,6 @@
-// The cayley operator as batched matrix products through torch's dispatcher, on any device: the CPU
-// kernels' Neumann series and backwards, and the CUDA kernels' path for blocks larger than their
-// shared-memory kernels take. Everything runs in the accumulation type.
+// The cayley operator as batched matrix products through torch's dispatcher, on any device: the path of
+// the CPU kernels (Neumann series and backwards) and of the CUDA kernels for blocks larger than their
+// per-block kernels take. Everything runs in the accumulation type.
 #pragma once
 
 #include "common.h"

@@ -1,4 +1,5 @@
-// Elimination on one small row-major n x n matrix, for the CPU Cayley kernel.
+// Products and elimination on small row-major n x n matrices, for the CPU Cayley kernels. Inlined into
+// each instruction set's kernel, whose vectors the row loops then use.
 #pragma once
 
 #include <cstdint>
@@ -13,10 +14,58 @@ ORTHOFT_ALWAYS_INLINE void subtract_row(T* __restrict dst, const T* __restrict s
   for (int64_t j = 0; j < length; ++j) dst[j] -= factor * src[j];
 }
 
+// c = a @ b, or c += a @ b, for n = N known at compile time: each row of c is one vector of N entries
+// (the compiler splits it into the instruction set's registers), four rows at a time so that four
+// independent chains of products are in flight.
+template <typename T, int64_t N>
+ORTHOFT_ALWAYS_INLINE void matmul_fixed(const T* a, const T* b, T* c, bool accumulate) {
+  typedef T Row __attribute__((vector_size(N * sizeof(T)), may_alias, aligned(sizeof(T))));
+  constexpr int64_t R = N < 4 ? N : 4;
+  const Row* b_rows = reinterpret_cast<const Row*>(b);
+  Row* c_rows = reinterpret_cast<Row*>(c);
+  for (int64_t i = 0; i < N; i += R) {
+    Row sum[R];
+    for (int64_t r = 0; r < R; ++r) sum[r] = accumulate ? c_rows[i + r] : Row{};
+    for (int64_t k = 0; k < N; ++k) {
+      const Row row = b_rows[k];
+      for (int64_t r = 0; r < R; ++r) sum[r] += a[(i + r) * N + k] * row;
+    }
+    for (int64_t r = 0; r < R; ++r) c_rows[i + r] = sum[r];
+  }
+}
+
+// c = a @ b, or c += a @ b; c is neither a nor b. Block sizes 8, 16 and 32 as whole vectors.
+template <typename T>
+ORTHOFT_ALWAYS_INLINE void matmul(int64_t n, const T* a, const T* b, T* __restrict c, bool accumulate) {
+  if (n == 8) return matmul_fixed<T, 8>(a, b, c, accumulate);
+  if (n == 16) return matmul_fixed<T, 16>(a, b, c, accumulate);
+  if (n == 32) return matmul_fixed<T, 32>(a, b, c, accumulate);
+  for (int64_t i = 0; i < n; ++i) {
+    T* __restrict row = c + i * n;
+    if (!accumulate) {
+      for (int64_t j = 0; j < n; ++j) row[j] = T(0);
+    }
+    for (int64_t k = 0; k < n; ++k) subtract_row(row, b + k * n, -a[i * n + k], n);
+  }
+}
+
+template <typename T>
+ORTHOFT_ALWAYS_INLINE void transpose(int64_t n, const T* a, T* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < n; ++j) out[j * n + i] = a[i * n + j];
+  }
+}
+
+// m = alpha m + beta x + gamma I.
+template <typename T>
+ORTHOFT_ALWAYS_INLINE void combine(int64_t n, T* __restrict m, T alpha, const T* __restrict x, T beta, T gamma) {
+  for (int64_t j = 0; j < n * n; ++j) m[j] = alpha * m[j] + beta * x[j];
+  for (int64_t j = 0; j < n * n; j += n + 1) m[j] += gamma;
+}
+
 // inverse = inv(I + skew) by Gauss-Jordan elimination without pivoting: the symmetric part of I + S is
 // I, so every pivot is at least 1 in the Schur complements. work is n x 2n scratch, the augmented
 // [I + S | I]; step k touches its columns from k on, the ones left of k being eliminated already.
-// Inlined into each instruction set's kernel, whose vectors the row updates then use.
 template <typename T>
 ORTHOFT_ALWAYS_INLINE void inverse_of_identity_plus(int64_t n, const T* skew, T* work, T* inverse) {
   const int64_t width = 2 * n;
