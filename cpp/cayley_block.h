@@ -13,8 +13,6 @@ namespace orthoft {
 // Blocks up to this size take these kernels; larger ones go to the batched products (BLAS).
 constexpr int64_t kMaxCayleyBlockKernel = 32;
 
-inline double series_coef(int j, int top) { return j <= top ? neumann_coef(j, top) : 0.0; }
-
 // n x n matrices of scratch the block kernels need, at most.
 inline int64_t block_scratch_matrices(int64_t num_neumann_terms) { return 6 + neumann_top(num_neumann_terms) / 2; }
 

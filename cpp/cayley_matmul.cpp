@@ -26,8 +26,6 @@ Tensor scaled(const Tensor& x, double c) {
   return call_aten("aten::mul", "Tensor", x, torch::stable::full({}, c, x.scalar_type()));
 }
 
-double coef(int j, int top) { return j <= top ? neumann_coef(j, top) : 0.0; }
-
 // a I + b x for every matrix of the batch: one pass over x (the scale of I costs n x n).
 Tensor identity_plus(const Tensor& x, const Tensor& eye, double a, double b) {
   return torch::stable::subtract(scaled(eye, a), x, -b);
@@ -53,15 +51,18 @@ NeumannPairs neumann_pairs(const Tensor& s, const Tensor& eye, int64_t num_neuma
   NeumannPairs p{top, half, s, std::vector<Tensor>(half + 1, s)};
   if (half == 0) {
     p.h[0] = top == 0 ? identity_plus(torch::stable::new_zeros(s, shape(s)), eye, 1.0, 0.0)
-                      : identity_plus(s, eye, coef(0, top), coef(1, top));
+                      : identity_plus(s, eye, series_coef(0, top), series_coef(1, top));
     return p;
   }
   p.s2 = matmul(s, s);
-  if (!p.scalar_last()) p.h[half] = identity_plus(s, eye, coef(2 * half, top), coef(2 * half + 1, top));
+  if (!p.scalar_last()) {
+    p.h[half] = identity_plus(s, eye, series_coef(2 * half, top), series_coef(2 * half + 1, top));
+  }
   for (int i = half - 1; i >= lowest; --i) {
     const Tensor product =
-        i + 1 == half && p.scalar_last() ? scaled(p.s2, coef(top, top)) : matmul(p.s2, p.h[i + 1]);
-    p.h[i] = torch::stable::subtract(product, identity_plus(s, eye, coef(2 * i, top), coef(2 * i + 1, top)), -1.0);
+        i + 1 == half && p.scalar_last() ? scaled(p.s2, series_coef(top, top)) : matmul(p.s2, p.h[i + 1]);
+    const Tensor linear = identity_plus(s, eye, series_coef(2 * i, top), series_coef(2 * i + 1, top));
+    p.h[i] = torch::stable::subtract(product, linear, -1.0);
   }
   return p;
 }
@@ -71,21 +72,23 @@ NeumannPairs neumann_pairs(const Tensor& s, const Tensor& eye, int64_t num_neuma
 // as lin_scale * lin, so that the scale costs no pass of its own.
 Tensor neumann_pairs_backward(const Tensor& g, const Tensor& s, const Tensor& eye, int64_t num_neumann_terms) {
   const int top = neumann_top(num_neumann_terms);
-  if (top < 2) return scaled(g, coef(1, top));
+  if (top < 2) return scaled(g, series_coef(1, top));
   const NeumannPairs p = neumann_pairs(s, eye, num_neumann_terms, 1);
-  const double lin_scale = coef(1, top);
+  const double lin_scale = series_coef(1, top);
   Tensor lin = g;
   Tensor dh = g;
   Tensor ds2;
   for (int i = 0; i < p.half; ++i) {
-    if (i > 0) lin = torch::stable::subtract(lin, dh, -coef(2 * i + 1, top) / lin_scale);
+    if (i > 0) lin = torch::stable::subtract(lin, dh, -series_coef(2 * i + 1, top) / lin_scale);
     const bool last = i + 1 == p.half;
-    const Tensor term =
-        last && p.scalar_last() ? scaled(dh, coef(top, top)) : matmul(dh, transpose(p.h[i + 1], -1, -2));
+    const Tensor term = last && p.scalar_last() ? scaled(dh, series_coef(top, top))
+                                                : matmul(dh, transpose(p.h[i + 1], -1, -2));
     ds2 = i == 0 ? term : torch::stable::subtract(ds2, term, -1.0);
     if (!(last && p.scalar_last())) dh = matmul(transpose(p.s2, -1, -2), dh);
   }
-  if (!p.scalar_last()) lin = torch::stable::subtract(lin, dh, -coef(2 * p.half + 1, top) / lin_scale);
+  if (!p.scalar_last()) {
+    lin = torch::stable::subtract(lin, dh, -series_coef(2 * p.half + 1, top) / lin_scale);
+  }
   const Tensor st = transpose(s, -1, -2);
   const Tensor ds = torch::stable::subtract(matmul(ds2, st), lin, -lin_scale);
   return torch::stable::subtract(ds, matmul(st, ds2), -1.0);

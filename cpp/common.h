@@ -57,6 +57,9 @@ C10_HOST_DEVICE constexpr double neumann_coef(int j, int top) {
   return j == 0 ? 1.0 : (j < top || top == 1 ? 2.0 : 1.0);
 }
 
+// c_j for any j >= 0: zero above the top degree.
+C10_HOST_DEVICE constexpr double series_coef(int j, int top) { return j <= top ? neumann_coef(j, top) : 0.0; }
+
 // A new uninitialised tensor on t's device, of t's dtype unless one is given.
 inline Tensor new_tensor(const Tensor& t, const std::vector<int64_t>& sizes, ScalarType dtype) {
   return torch::stable::new_empty(t, sizes, dtype);
