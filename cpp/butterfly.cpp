@@ -103,11 +103,12 @@ ORTHOFT_ALWAYS_INLINE void store_tile(const acc* buf, const Tiling& p, int64_t f
   }
 }
 
-// Columns c .. c + G of v @ R for one block into out: each loaded input vector feeds G independent
-// accumulator chains.
+// Columns c .. c + G of v @ R for one block: each loaded input vector feeds G independent accumulator
+// chains. Column j goes to out at out_pos[j] when out_pos is given (the tile itself: every input is
+// read before any column is stored), else at j (scratch).
 template <typename acc, int64_t Bytes, int64_t G>
 ORTHOFT_ALWAYS_INLINE void factor_columns(const simd_t<acc, Bytes>* tile, const int64_t* p, const acc* r, int64_t b,
-                                          int64_t c, simd_t<acc, Bytes>* out) {
+                                          int64_t c, simd_t<acc, Bytes>* out, const int64_t* out_pos) {
   using V = simd_t<acc, Bytes>;
   constexpr int64_t lanes = kSimdPerColumn<acc, Bytes>;
   V sum[G][lanes] = {};
@@ -119,30 +120,17 @@ ORTHOFT_ALWAYS_INLINE void factor_columns(const simd_t<acc, Bytes>* tile, const 
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t l = 0; l < lanes; ++l) out[(c + g) * lanes + l] = sum[g][l];
+    V* column = out + (out_pos == nullptr ? c + g : out_pos[c + g]) * lanes;
+    for (int64_t l = 0; l < lanes; ++l) column[l] = sum[g][l];
   }
 }
 
-// v <- v @ R for every block of B columns, all B outputs in registers before any is stored, so they go
-// straight back into the tile.
+// v <- v @ R for every block of B columns, all B in one group, straight back into the tile.
 template <typename acc, int64_t Bytes, int64_t B>
 ORTHOFT_ALWAYS_INLINE void whole_blocks(simd_t<acc, Bytes>* tile, const int64_t* pos, const acc* rot,
                                         int64_t blocks) {
-  using V = simd_t<acc, Bytes>;
-  constexpr int64_t lanes = kSimdPerColumn<acc, Bytes>;
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t* p = pos + blk * B;
-    const acc* r = rot + blk * B * B;
-    V sum[B][lanes] = {};
-    for (int64_t t = 0; t < B; ++t) {
-      const V* in = tile + p[t] * lanes;
-      for (int64_t g = 0; g < B; ++g) {
-        for (int64_t l = 0; l < lanes; ++l) sum[g][l] += r[t * B + g] * in[l];
-      }
-    }
-    for (int64_t g = 0; g < B; ++g) {
-      for (int64_t l = 0; l < lanes; ++l) tile[p[g] * lanes + l] = sum[g][l];
-    }
+    factor_columns<acc, Bytes, B>(tile, pos + blk * B, rot + blk * B * B, B, 0, tile, pos + blk * B);
   }
 }
 
@@ -164,8 +152,8 @@ ORTHOFT_ALWAYS_INLINE void apply_factor(acc* buf, const int64_t* pos, const acc*
     const int64_t* p = pos + blk * b;
     const acc* r = rot + blk * b * b;
     int64_t c = 0;
-    for (; c + group <= b; c += group) factor_columns<acc, Bytes, group>(tile, p, r, b, c, out);
-    for (; c < b; ++c) factor_columns<acc, Bytes, 1>(tile, p, r, b, c, out);
+    for (; c + group <= b; c += group) factor_columns<acc, Bytes, group>(tile, p, r, b, c, out, nullptr);
+    for (; c < b; ++c) factor_columns<acc, Bytes, 1>(tile, p, r, b, c, out, nullptr);
     for (int64_t j = 0; j < b; ++j) {
       for (int64_t l = 0; l < lanes; ++l) tile[p[j] * lanes + l] = out[j * lanes + l];
     }
