@@ -8,7 +8,17 @@ from orthoft import ops, reference
 from helpers import assert_close_rel, non_contiguous, random_skew
 
 TERMS = [0, 1, 2, 3, 4, 5, 8]
-SHAPES = [(1, 1, 1), (3, 2, 2), (5, 4, 4), (2, 3, 8, 8), (4, 16, 16), (3, 32, 32), (2, 33, 33), (2, 64, 64), (1, 80, 80)]
+SHAPES = [
+    (1, 1, 1),
+    (3, 2, 2),
+    (5, 4, 4),
+    (2, 3, 8, 8),
+    (4, 16, 16),
+    (3, 32, 32),
+    (2, 33, 33),
+    (2, 64, 64),
+    (1, 80, 80),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
