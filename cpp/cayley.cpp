@@ -16,7 +16,8 @@ namespace {
 
 // out[i] = kernel(first[i], second[i]) for every n x n block i of first (and of second, when given), in
 // the accumulation type: each block is copied into scratch, worked on there and copied out.
-// kernel(first, second, out, scratch) gets scratch_matrices n x n matrices of scratch.
+// kernel(bytes, n, first, second, out, scratch) gets the instruction set's vector width in bytes and
+// scratch_matrices n x n matrices of scratch.
 template <typename Kernel>
 Tensor map_blocks(const Tensor& first, const Tensor* second, int64_t scratch_matrices, const Kernel& kernel) {
   const Tensor a = torch::stable::contiguous(first);
@@ -37,11 +38,12 @@ Tensor map_blocks(const Tensor& first, const Tensor* second, int64_t scratch_mat
       acc* in_b = in_a + nn;
       acc* result = in_b + nn;
       acc* scratch = result + nn;
-      run_for_cpu([&](auto) ORTHOFT_INLINE_LAMBDA {
+      run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA {
+        const std::integral_constant<int64_t, kVectorBytes<isa.isa>> bytes;
         for (int64_t i = begin; i < end; ++i) {
           std::copy(a_data + i * nn, a_data + (i + 1) * nn, in_a);
           std::copy(b_data + i * nn, b_data + (i + 1) * nn, in_b);
-          kernel(n, in_a, in_b, result, scratch);
+          kernel(bytes, n, in_a, in_b, result, scratch);
           std::copy(result, result + nn, out_data + i * nn);
         }
       });
@@ -58,13 +60,14 @@ Tensor cayley_cpu(const Tensor& skew, int64_t num_neumann_terms) {
   if (num_neumann_terms > 0) {
     if (n > kMaxCayleyBlockKernel) return cayley_by_matmul(skew, num_neumann_terms);
     return map_blocks(skew, nullptr, block_scratch_matrices(num_neumann_terms),
-                      [&](int64_t n, const auto* s, const auto*, auto* out, auto* scratch) ORTHOFT_INLINE_LAMBDA {
-                        neumann_block(n, num_neumann_terms, s, out, scratch);
+                      [&](auto bytes, int64_t n, const auto* s, const auto*, auto* out, auto* scratch)
+                          ORTHOFT_INLINE_LAMBDA {
+                            neumann_block<decltype(bytes)::value>(n, num_neumann_terms, s, out, scratch);
                       });
   }
   if (n > kMaxEliminationBlock) return cayley_by_matmul(skew, num_neumann_terms);
   // R = 2 inv(I + S) - I
-  return map_blocks(skew, nullptr, 2, [](int64_t n, const auto* s, const auto*, auto* out, auto* work)
+  return map_blocks(skew, nullptr, 2, [](auto, int64_t n, const auto* s, const auto*, auto* out, auto* work)
                                           ORTHOFT_INLINE_LAMBDA {
                                             using acc = std::remove_pointer_t<decltype(out)>;
                                             inverse_of_identity_plus(n, s, work, out);
@@ -81,13 +84,14 @@ Tensor cayley_backward_cpu(const Tensor& grad, const Tensor& skew, const Tensor&
   }
   if (num_neumann_terms > 0) {
     return map_blocks(grad, &skew, block_scratch_matrices(num_neumann_terms),
-                      [&](int64_t n, const auto* g, const auto* s, auto* ds, auto* scratch) ORTHOFT_INLINE_LAMBDA {
-                        neumann_block_backward(n, num_neumann_terms, s, g, ds, scratch);
+                      [&](auto bytes, int64_t n, const auto* g, const auto* s, auto* ds, auto* scratch)
+                          ORTHOFT_INLINE_LAMBDA {
+                            neumann_block_backward<decltype(bytes)::value>(n, num_neumann_terms, s, g, ds, scratch);
                       });
   }
   return map_blocks(grad, &rotation, 2,
-                    [](int64_t n, const auto* g, const auto* r, auto* ds, auto* scratch)
-                        ORTHOFT_INLINE_LAMBDA { exact_block_backward(n, r, g, ds, scratch); });
+                    [](auto bytes, int64_t n, const auto* g, const auto* r, auto* ds, auto* scratch)
+                        ORTHOFT_INLINE_LAMBDA { exact_block_backward<decltype(bytes)::value>(n, r, g, ds, scratch); });
 }
 
 STABLE_TORCH_LIBRARY_IMPL(orthoft, CPU, m) {

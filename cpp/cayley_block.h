@@ -17,14 +17,14 @@ constexpr int64_t kMaxCayleyBlockKernel = 32;
 inline int64_t block_scratch_matrices(int64_t num_neumann_terms) { return 6 + neumann_top(num_neumann_terms) / 2; }
 
 // m = S2 @ h + L_i for L_i = c_2i I + c_(2i+1) S (a step of Horner's rule in S2, see neumann_pairs).
-template <typename T>
+template <int64_t Bytes, typename T>
 ORTHOFT_ALWAYS_INLINE void horner_step(int64_t n, const T* s, const T* s2, const T* h, int i, int top, T* m) {
-  matmul(n, s2, h, m, false);
+  matmul<Bytes>(n, s2, h, m, false);
   combine(n, m, T(1), s, T(series_coef(2 * i + 1, top)), T(series_coef(2 * i, top)));
 }
 
 // h[i] = H_i for i = lowest .. half (H_half formed only for an odd top), as neumann_pairs.
-template <typename T>
+template <int64_t Bytes, typename T>
 ORTHOFT_ALWAYS_INLINE void neumann_terms(int64_t n, const T* s, const T* s2, int top, int lowest, T* const* h) {
   const int half = top / 2;
   const int64_t nn = n * n;
@@ -38,11 +38,11 @@ ORTHOFT_ALWAYS_INLINE void neumann_terms(int64_t n, const T* s, const T* s2, int
     combine(n, h[i], T(1), s, T(series_coef(2 * i + 1, top)), T(series_coef(2 * i, top)));
     --i;
   }
-  for (; i >= lowest; --i) horner_step(n, s, s2, h[i + 1], i, top, h[i]);
+  for (; i >= lowest; --i) horner_step<Bytes>(n, s, s2, h[i + 1], i, top, h[i]);
 }
 
 // out = p(S), PEFT's Neumann series of num_neumann_terms terms (>= 1).
-template <typename T>
+template <int64_t Bytes, typename T>
 ORTHOFT_ALWAYS_INLINE void neumann_block(int64_t n, int64_t num_neumann_terms, const T* s, T* out, T* scratch) {
   const int top = neumann_top(num_neumann_terms);
   const int64_t nn = n * n;
@@ -52,15 +52,15 @@ ORTHOFT_ALWAYS_INLINE void neumann_block(int64_t n, int64_t num_neumann_terms, c
     return;
   }
   T* s2 = scratch;
-  matmul(n, s, s, s2, false);
+  matmul<Bytes>(n, s, s, s2, false);
   std::vector<T*> h(top / 2 + 1);
   h[0] = out;
   for (int i = 1; i <= top / 2; ++i) h[i] = scratch + i * nn;
-  neumann_terms(n, s, s2, top, 0, h.data());
+  neumann_terms<Bytes>(n, s, s2, top, 0, h.data());
 }
 
 // ds = dp(S)/dS applied to g, as neumann_pairs_backward.
-template <typename T>
+template <int64_t Bytes, typename T>
 ORTHOFT_ALWAYS_INLINE void neumann_block_backward(int64_t n, int64_t num_neumann_terms, const T* s, const T* g,
                                                   T* ds, T* scratch) {
   const int top = neumann_top(num_neumann_terms);
@@ -79,10 +79,10 @@ ORTHOFT_ALWAYS_INLINE void neumann_block_backward(int64_t n, int64_t num_neumann
   T* ds2 = next + nn;
   std::vector<T*> h(half + 1);
   for (int i = 1; i <= half; ++i) h[i] = ds2 + i * nn;
-  matmul(n, s, s, s2, false);
+  matmul<Bytes>(n, s, s, s2, false);
   transpose(n, s2, s2t);
   transpose(n, s, st);
-  neumann_terms(n, s, s2, top, 1, h.data());
+  neumann_terms<Bytes>(n, s, s2, top, 1, h.data());
   // ds = sum_i c_(2i+1) dH_i + dS2 S^T + S^T dS2, with dH_0 = g, dH_(i+1) = S2^T dH_i and
   // dS2 = sum_i dH_i H_(i+1)^T (H_half = c_top I for an even top).
   for (int64_t j = 0; j < nn; ++j) {
@@ -97,24 +97,24 @@ ORTHOFT_ALWAYS_INLINE void neumann_block_backward(int64_t n, int64_t num_neumann
       continue;
     }
     transpose(n, h[i + 1], next);
-    matmul(n, dh, next, ds2, true);
-    matmul(n, s2t, dh, next, false);
+    matmul<Bytes>(n, dh, next, ds2, true);
+    matmul<Bytes>(n, s2t, dh, next, false);
     std::swap(dh, next);
   }
   if (!even) combine(n, ds, T(1), dh, T(series_coef(top, top)), T(0));
-  matmul(n, ds2, st, ds, true);
-  matmul(n, st, ds2, ds, true);
+  matmul<Bytes>(n, ds2, st, ds, true);
+  matmul<Bytes>(n, st, ds2, ds, true);
 }
 
 // ds = -1/2 A^T g A^T with A = R + I = 2 inv(I + S), the exact transform's gradient.
-template <typename T>
+template <int64_t Bytes, typename T>
 ORTHOFT_ALWAYS_INLINE void exact_block_backward(int64_t n, const T* rotation, const T* g, T* ds, T* scratch) {
   T* at = scratch;
   T* product = at + n * n;
   transpose(n, rotation, at);
   for (int64_t j = 0; j < n * n; j += n + 1) at[j] += T(1);
-  matmul(n, g, at, product, false);
-  matmul(n, at, product, ds, false);
+  matmul<Bytes>(n, g, at, product, false);
+  matmul<Bytes>(n, at, product, ds, false);
   for (int64_t j = 0; j < n * n; ++j) ds[j] *= T(-0.5);
 }
 

@@ -15,9 +15,10 @@ struct IsaTag {
   static constexpr Isa isa = I;
 };
 
-// Bytes of the vectors a kernel uses: AVX2's width also for the baseline, which the compiler splits.
+// Bytes of the vectors a kernel uses: the instruction set's registers (the baseline's are SSE2's or
+// NEON's 16; wider generic vectors there are split into scalars, not into pairs of registers).
 template <Isa I>
-constexpr int64_t kVectorBytes = I == Isa::kAvx512 ? 64 : 32;
+constexpr int64_t kVectorBytes = I == Isa::kAvx512 ? 64 : (I == Isa::kAvx2 ? 32 : 16);
 
 Isa cpu_isa();
 

@@ -2,9 +2,11 @@
 // each instruction set's kernel, whose vectors the row loops then use.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpu_isa.h"
+#include "simd.h"
 
 namespace orthoft {
 
@@ -14,32 +16,42 @@ ORTHOFT_ALWAYS_INLINE void subtract_row(T* __restrict dst, const T* __restrict s
   for (int64_t j = 0; j < length; ++j) dst[j] -= factor * src[j];
 }
 
-// c = a @ b, or c += a @ b, for n = N known at compile time: each row of c is one vector of N entries
-// (the compiler splits it into the instruction set's registers), four rows at a time so that four
-// independent chains of products are in flight.
-template <typename T, int64_t N>
+// c = a @ b, or c += a @ b, for n = N known at compile time: rows of c in vectors of Bytes bytes (the
+// instruction set's), R rows at a time, as many as keep 8 (16 with AVX-512's 32 registers)
+// accumulator vectors, so that independent chains of products are in flight.
+template <int64_t Bytes, typename T, int64_t N>
 ORTHOFT_ALWAYS_INLINE void matmul_fixed(const T* a, const T* b, T* c, bool accumulate) {
-  typedef T Row __attribute__((vector_size(N * sizeof(T)), may_alias, aligned(sizeof(T))));
-  constexpr int64_t R = N < 4 ? N : 4;
-  const Row* b_rows = reinterpret_cast<const Row*>(b);
-  Row* c_rows = reinterpret_cast<Row*>(c);
+  constexpr int64_t bytes = N * int64_t(sizeof(T)) < Bytes ? N * int64_t(sizeof(T)) : Bytes;
+  using V = simd_t<T, bytes>;
+  constexpr int64_t per_row = N * int64_t(sizeof(T)) / bytes;
+  constexpr int64_t budget = Bytes == 64 ? 16 : 8;
+  constexpr int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, budget / per_row));
+  static_assert(N % R == 0, "R must divide N");
+  const V* b_rows = reinterpret_cast<const V*>(b);
+  V* c_rows = reinterpret_cast<V*>(c);
   for (int64_t i = 0; i < N; i += R) {
-    Row sum[R];
-    for (int64_t r = 0; r < R; ++r) sum[r] = accumulate ? c_rows[i + r] : Row{};
-    for (int64_t k = 0; k < N; ++k) {
-      const Row row = b_rows[k];
-      for (int64_t r = 0; r < R; ++r) sum[r] += a[(i + r) * N + k] * row;
+    V sum[R][per_row];
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t v = 0; v < per_row; ++v) sum[r][v] = accumulate ? c_rows[(i + r) * per_row + v] : V{};
     }
-    for (int64_t r = 0; r < R; ++r) c_rows[i + r] = sum[r];
+    for (int64_t k = 0; k < N; ++k) {
+      for (int64_t v = 0; v < per_row; ++v) {
+        const V row = b_rows[k * per_row + v];
+        for (int64_t r = 0; r < R; ++r) sum[r][v] += a[(i + r) * N + k] * row;
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t v = 0; v < per_row; ++v) c_rows[(i + r) * per_row + v] = sum[r][v];
+    }
   }
 }
 
-// c = a @ b, or c += a @ b; c is neither a nor b. Block sizes 8, 16 and 32 as whole vectors.
-template <typename T>
+// c = a @ b, or c += a @ b; c is neither a nor b. Block sizes 8, 16 and 32 in whole vectors.
+template <int64_t Bytes, typename T>
 ORTHOFT_ALWAYS_INLINE void matmul(int64_t n, const T* a, const T* b, T* __restrict c, bool accumulate) {
-  if (n == 8) return matmul_fixed<T, 8>(a, b, c, accumulate);
-  if (n == 16) return matmul_fixed<T, 16>(a, b, c, accumulate);
-  if (n == 32) return matmul_fixed<T, 32>(a, b, c, accumulate);
+  if (n == 8) return matmul_fixed<Bytes, T, 8>(a, b, c, accumulate);
+  if (n == 16) return matmul_fixed<Bytes, T, 16>(a, b, c, accumulate);
+  if (n == 32) return matmul_fixed<Bytes, T, 32>(a, b, c, accumulate);
   for (int64_t i = 0; i < n; ++i) {
     T* __restrict row = c + i * n;
     if (!accumulate) {
