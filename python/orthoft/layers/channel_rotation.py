@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from .output_scale import scale_gradient
 
 
@@ -84,9 +85,8 @@ class _RotatedInputConv(torch.autograd.Function):
 
 def _rotate_filters(weight: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
     """``W R^T`` for a 1x1 ``weight`` ``(out, F, 1, 1)``, ``R = blockdiag(chunks)`` ``(F/C, C, C)``."""
-    n, c = chunks.shape[:2]
-    filters = weight.reshape(weight.shape[0], n, c).transpose(0, 1)
-    return torch.matmul(filters, chunks.mT).transpose(0, 1).reshape(weight.shape)
+    filters = weight.reshape(weight.shape[0], -1)
+    return ops.butterfly(filters, chunks.mT.unsqueeze(0), chunks.shape[-1]).reshape(weight.shape)
 
 
 def _scaled(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

@@ -93,8 +93,8 @@ def _chunks_are_cheaper(num_factors: int) -> bool:
 def rotate_rows_transposed(matrix: torch.Tensor, rotations: torch.Tensor, block_size: int) -> torch.Tensor:
     """``matrix @ R^T`` for butterfly ``rotations`` ``(m, N/b, b, b)``, without forming ``R``.
 
-    One factor: the butterfly operator with transposed blocks. A few factors: one batched product with
-    the dense chunks of ``R``. Many factors: ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor
+    One factor: the butterfly operator with transposed blocks. A few factors: the butterfly operator with
+    one factor, the transposed dense chunks of ``R`` as its blocks. Many factors: ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor
     ``i`` with transposed blocks, so each factor goes through the butterfly operator alone, the other
     factors set to the identity.
     """
@@ -104,9 +104,7 @@ def rotate_rows_transposed(matrix: torch.Tensor, rotations: torch.Tensor, block_
         return ops.butterfly(matrix, transposed, block_size)
     if _chunks_are_cheaper(m):
         chunks = rotation_chunks(rotations, block_size)
-        n, c = chunks.shape[:2]
-        rows = matrix.reshape(matrix.shape[0], n, c).transpose(0, 1)
-        return torch.matmul(rows, chunks.mT).transpose(0, 1).reshape(matrix.shape)
+        return ops.butterfly(matrix, chunks.mT.unsqueeze(0), chunks.shape[-1])
     eye = torch.eye(block_size, dtype=rotations.dtype, device=rotations.device).expand_as(rotations[0])
     for i in range(m):
         factors = torch.stack([transposed[j] if j == i else eye for j in range(m)])
