@@ -94,9 +94,9 @@ def rotate_rows_transposed(matrix: torch.Tensor, rotations: torch.Tensor, block_
     """``matrix @ R^T`` for butterfly ``rotations`` ``(m, N/b, b, b)``, without forming ``R``.
 
     One factor: the butterfly operator with transposed blocks. A few factors: the butterfly operator with
-    one factor, the transposed dense chunks of ``R`` as its blocks. Many factors: ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor
-    ``i`` with transposed blocks, so each factor goes through the butterfly operator alone, the other
-    factors set to the identity.
+    one factor, the transposed dense chunks of ``R`` as its blocks. Many factors:
+    ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor ``i`` with transposed blocks, so each factor
+    goes through the butterfly operator alone, the other factors set to the identity.
     """
     m = rotations.shape[0]
     transposed = rotations.mT
