@@ -14,14 +14,16 @@ namespace orthoft {
 
 namespace {
 
-// out[i] = kernel(first[i], second[i]) for every n x n block i of first (and of second, when given), in
-// the accumulation type: each block is copied into scratch, worked on there and copied out.
+// out[i] = kernel(first[i], second[i]) for every n x n block i of first (and of second, when given, else
+// the kernel's second block is unset), in the accumulation type: each block is copied into scratch,
+// worked on there and copied out.
 // kernel(bytes, n, first, second, out, scratch) gets the instruction set's vector width in bytes and
 // scratch_matrices n x n matrices of scratch.
 template <typename Kernel>
 Tensor map_blocks(const Tensor& first, const Tensor* second, int64_t scratch_matrices, const Kernel& kernel) {
   const Tensor a = torch::stable::contiguous(first);
   const Tensor b = second == nullptr ? a : torch::stable::contiguous(*second);
+  const bool has_second = second != nullptr;
   Tensor out = new_tensor(a, shape(a));
   const int64_t n = a.size(-1);
   const int64_t nn = n * n;
@@ -42,7 +44,7 @@ Tensor map_blocks(const Tensor& first, const Tensor* second, int64_t scratch_mat
         const std::integral_constant<int64_t, kVectorBytes<isa.isa>> bytes;
         for (int64_t i = begin; i < end; ++i) {
           std::copy(a_data + i * nn, a_data + (i + 1) * nn, in_a);
-          std::copy(b_data + i * nn, b_data + (i + 1) * nn, in_b);
+          if (has_second) std::copy(b_data + i * nn, b_data + (i + 1) * nn, in_b);
           kernel(bytes, n, in_a, in_b, result, scratch);
           std::copy(result, result + nn, out_data + i * nn);
         }

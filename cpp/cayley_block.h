@@ -4,7 +4,6 @@
 #pragma once
 
 #include <utility>
-#include <vector>
 
 #include "small_matrix.h"
 
@@ -23,22 +22,24 @@ ORTHOFT_ALWAYS_INLINE void horner_step(int64_t n, const T* s, const T* s2, const
   combine(n, m, T(1), s, T(series_coef(2 * i + 1, top)), T(series_coef(2 * i, top)));
 }
 
-// h[i] = H_i for i = lowest .. half (H_half formed only for an odd top), as neumann_pairs.
+// H_i for i = lowest .. half (H_half formed only for an odd top), as neumann_pairs: H_0 at h0 (when
+// lowest is 0), H_i for i >= 1 at rest + (i - 1) n^2.
 template <int64_t Bytes, typename T>
-ORTHOFT_ALWAYS_INLINE void neumann_terms(int64_t n, const T* s, const T* s2, int top, int lowest, T* const* h) {
+ORTHOFT_ALWAYS_INLINE void neumann_terms(int64_t n, const T* s, const T* s2, int top, int lowest, T* h0, T* rest) {
   const int half = top / 2;
   const int64_t nn = n * n;
+  const auto h = [&](int i) { return i == 0 ? h0 : rest + (i - 1) * nn; };
   int i = half - 1;
   if (top % 2 == 1) {
-    for (int64_t j = 0; j < nn; ++j) h[half][j] = T(0);
-    combine(n, h[half], T(0), s, T(series_coef(top, top)), T(series_coef(top - 1, top)));
+    for (int64_t j = 0; j < nn; ++j) h(half)[j] = T(0);
+    combine(n, h(half), T(0), s, T(series_coef(top, top)), T(series_coef(top - 1, top)));
   } else {  // H_(half-1) = c_top S2 + L_(half-1)
     if (i < lowest) return;
-    for (int64_t j = 0; j < nn; ++j) h[i][j] = T(series_coef(top, top)) * s2[j];
-    combine(n, h[i], T(1), s, T(series_coef(2 * i + 1, top)), T(series_coef(2 * i, top)));
+    for (int64_t j = 0; j < nn; ++j) h(i)[j] = T(series_coef(top, top)) * s2[j];
+    combine(n, h(i), T(1), s, T(series_coef(2 * i + 1, top)), T(series_coef(2 * i, top)));
     --i;
   }
-  for (; i >= lowest; --i) horner_step<Bytes>(n, s, s2, h[i + 1], i, top, h[i]);
+  for (; i >= lowest; --i) horner_step<Bytes>(n, s, s2, h(i + 1), i, top, h(i));
 }
 
 // out = p(S), PEFT's Neumann series of num_neumann_terms terms (>= 1).
@@ -53,10 +54,7 @@ ORTHOFT_ALWAYS_INLINE void neumann_block(int64_t n, int64_t num_neumann_terms, c
   }
   T* s2 = scratch;
   matmul<Bytes>(n, s, s, s2, false);
-  std::vector<T*> h(top / 2 + 1);
-  h[0] = out;
-  for (int i = 1; i <= top / 2; ++i) h[i] = scratch + i * nn;
-  neumann_terms<Bytes>(n, s, s2, top, 0, h.data());
+  neumann_terms<Bytes>(n, s, s2, top, 0, out, s2 + nn);
 }
 
 // ds = dp(S)/dS applied to g, as neumann_pairs_backward.
@@ -77,12 +75,11 @@ ORTHOFT_ALWAYS_INLINE void neumann_block_backward(int64_t n, int64_t num_neumann
   T* dh = st + nn;
   T* next = dh + nn;
   T* ds2 = next + nn;
-  std::vector<T*> h(half + 1);
-  for (int i = 1; i <= half; ++i) h[i] = ds2 + i * nn;
+  T* h = ds2 + nn;  // H_i at h + (i - 1) n^2
   matmul<Bytes>(n, s, s, s2, false);
   transpose(n, s2, s2t);
   transpose(n, s, st);
-  neumann_terms<Bytes>(n, s, s2, top, 1, h.data());
+  neumann_terms<Bytes, T>(n, s, s2, top, 1, nullptr, h);
   // ds = sum_i c_(2i+1) dH_i + dS2 S^T + S^T dS2, with dH_0 = g, dH_(i+1) = S2^T dH_i and
   // dS2 = sum_i dH_i H_(i+1)^T (H_half = c_top I for an even top).
   for (int64_t j = 0; j < nn; ++j) {
@@ -96,7 +93,7 @@ ORTHOFT_ALWAYS_INLINE void neumann_block_backward(int64_t n, int64_t num_neumann
       combine(n, ds2, T(1), dh, T(series_coef(top, top)), T(0));
       continue;
     }
-    transpose(n, h[i + 1], next);
+    transpose(n, h + i * nn, next);
     matmul<Bytes>(n, dh, next, ds2, true);
     matmul<Bytes>(n, s2t, dh, next, false);
     std::swap(dh, next);
