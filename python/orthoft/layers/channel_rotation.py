@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .. import ops
 from .output_scale import scale_gradient
+from .rotation import times_chunks_transposed
 
 
 def _channel_blocks(x: torch.Tensor, groups: int, chunks: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,7 @@ class _RotatedInputConv(torch.autograd.Function):
 
 def _rotate_filters(weight: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
     """``W R^T`` for a 1x1 ``weight`` ``(out, F, 1, 1)``, ``R = blockdiag(chunks)`` ``(F/C, C, C)``."""
-    filters = weight.reshape(weight.shape[0], -1)
-    return ops.butterfly(filters, chunks.mT.unsqueeze(0), chunks.shape[-1]).reshape(weight.shape)
+    return times_chunks_transposed(weight.reshape(weight.shape[0], -1), chunks).reshape(weight.shape)
 
 
 def _scaled(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

@@ -90,21 +90,23 @@ def _chunks_are_cheaper(num_factors: int) -> bool:
     return 2 ** (num_factors - 1) <= num_factors**2
 
 
+def times_chunks_transposed(matrix: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+    """``matrix @ R^T`` for ``R = blockdiag(chunks)``, ``chunks`` ``(N/C, C, C)``: the butterfly operator
+    with one factor, the transposed chunks as its blocks."""
+    return ops.butterfly(matrix, chunks.mT.unsqueeze(0), chunks.shape[-1])
+
+
 def rotate_rows_transposed(matrix: torch.Tensor, rotations: torch.Tensor, block_size: int) -> torch.Tensor:
     """``matrix @ R^T`` for butterfly ``rotations`` ``(m, N/b, b, b)``, without forming ``R``.
 
-    One factor: the butterfly operator with transposed blocks. A few factors: the butterfly operator with
-    one factor, the transposed dense chunks of ``R`` as its blocks. Many factors:
+    Up to a few factors: by the dense chunks of ``R`` (with one factor, its blocks). Many factors:
     ``R^T = M_0^T @ ... @ M_{m-1}^T`` and ``M_i^T`` is factor ``i`` with transposed blocks, so each factor
     goes through the butterfly operator alone, the other factors set to the identity.
     """
     m = rotations.shape[0]
-    transposed = rotations.mT
-    if m == 1:
-        return ops.butterfly(matrix, transposed, block_size)
     if _chunks_are_cheaper(m):
-        chunks = rotation_chunks(rotations, block_size)
-        return ops.butterfly(matrix, chunks.mT.unsqueeze(0), chunks.shape[-1])
+        return times_chunks_transposed(matrix, rotation_chunks(rotations, block_size))
+    transposed = rotations.mT
     eye = torch.eye(block_size, dtype=rotations.dtype, device=rotations.device).expand_as(rotations[0])
     for i in range(m):
         factors = torch.stack([transposed[j] if j == i else eye for j in range(m)])
