@@ -4,7 +4,8 @@
 // kTileRows rows x C columns, stores it column-major in the accumulation type (each update is then a
 // fixed-length loop over rows that the compiler vectorises), applies all m factors in place and
 // writes the tile once. One factor of wide blocks is a product per block instead, by the block kernel
-// (each block's product written straight into its columns of the result) or by BLAS. The loops are
+// (each block's product written straight into its columns of the result) or by BLAS; so are several
+// factors of many rows, as one factor of their chunks (butterfly_chunks.cpp). The loops are
 // compiled for AVX-512, AVX2+FMA and the baseline instruction set, in vectors of that set's width, and
 // chosen at run time (cpu_isa.h).
 #include <algorithm>
@@ -362,6 +363,12 @@ Tensor butterfly_cpu(const Tensor& x, const Tensor& rotations, int64_t block_siz
     if (!block_kernel_takes(x, block_size)) return butterfly_by_matmul(x, rotations, block_size);
     return block_product(torch::stable::contiguous(x), to_acc_contiguous(rotations), block_size);
   }
+  if (chunks_take(x, rotations, block_size)) return chunk_product(x, rotations, block_size);
+  return tile_product(x, rotations, block_size);
+}
+
+Tensor tile_product(const Tensor& x, const Tensor& rotations, int64_t block_size) {
+  const Tiling p(x, rotations, block_size);
   const Tensor in = torch::stable::contiguous(x);
   Tensor out = new_tensor(in, shape(in));
   const std::vector<int64_t> positions = butterfly_positions(p.b, p.m, p.chunk);
@@ -401,6 +408,15 @@ std::tuple<Tensor, Tensor> butterfly_backward_cpu(const Tensor& grad, const Tens
     const Tensor rot_t = torch::stable::contiguous(torch::stable::transpose(to_acc_contiguous(rotations), -1, -2));
     return {block_product(torch::stable::contiguous(grad), rot_t, block_size), grad_rot};
   }
+  if (chunks_take(x, rotations, block_size)) return chunk_backward(grad, x, rotations, block_size, output_mask);
+  return tile_backward(grad, x, rotations, block_size, output_mask);
+}
+
+std::tuple<Tensor, Tensor> tile_backward(const Tensor& grad, const Tensor& x, const Tensor& rotations,
+                                         int64_t block_size, const std::vector<bool>& output_mask) {
+  const bool need_x = output_mask[0];
+  const bool need_rot = output_mask[1];
+  const Tiling p(x, rotations, block_size);
   const Tensor in = torch::stable::contiguous(x);
   const Tensor g = torch::stable::contiguous(grad);
   // A gradient not asked for is an empty tensor, as the operator's schema says.

@@ -23,4 +23,17 @@ bool block_kernel_takes(const Tensor& x, int64_t block_size);
 Tensor block_product(const Tensor& x, const Tensor& w, int64_t block_size);
 Tensor block_gradient(const Tensor& x, const Tensor& grad, int64_t block_size);
 
+// The chain of factors by the CPU tile kernels (butterfly.cpp), for any block size and dtype.
+Tensor tile_product(const Tensor& x, const Tensor& rotations, int64_t block_size);
+std::tuple<Tensor, Tensor> tile_backward(const Tensor& grad, const Tensor& x, const Tensor& rotations,
+                                         int64_t block_size, const std::vector<bool>& output_mask);
+
+// Two or more factors of float or double blocks as one factor of their dense C x C chunks, C = b * 2^(m-1),
+// by the block kernels (butterfly_chunks.cpp): where chunks_take, for x (..., N) and rotations (m, D, b, b)
+// of x's dtype.
+bool chunks_take(const Tensor& x, const Tensor& rotations, int64_t block_size);
+Tensor chunk_product(const Tensor& x, const Tensor& rotations, int64_t block_size);
+std::tuple<Tensor, Tensor> chunk_backward(const Tensor& grad, const Tensor& x, const Tensor& rotations,
+                                          int64_t block_size, const std::vector<bool>& output_mask);
+
 }  // namespace orthoft

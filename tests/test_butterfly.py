@@ -107,6 +107,46 @@ def test_one_factor_of_wide_blocks_non_contiguous(b: int, device: str) -> None:
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
+# Several factors with enough rows (8 per row of a chunk, at least 384) that the CPU multiplies by the
+# dense chunks of C = b * 2^(m-1) columns where its block kernels take C: (b, m, N, leading dims of x).
+# C = 8 is taken for float64 only, C = 64 with AVX-512 only; the last case is one row short.
+CHUNK_CASES = [
+    (4, 2, 16, (400,)),
+    (8, 2, 64, (390,)),
+    (2, 4, 96, (3, 130)),
+    (16, 2, 128, (385,)),
+    (4, 4, 64, (401,)),
+    (8, 4, 128, (515,)),
+    (8, 3, 64, (383,)),
+]
+
+
+@pytest.mark.parametrize(("b", "m", "n", "batch"), CHUNK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("output_mask", [(True, False), (False, True), (True, True)])
+def test_several_factors_by_their_chunks(
+    b: int,
+    m: int,
+    n: int,
+    batch: tuple[int, ...],
+    dtype: torch.dtype,
+    output_mask: tuple[bool, bool],
+    device: str,
+) -> None:
+    x64, rot64 = _rand(b, m, n, batch, device)
+    grad64 = torch.randn_like(x64)
+    x, rotations, grad = x64.to(dtype), rot64.to(dtype), grad64.to(dtype)
+    assert_close_rel(ops.butterfly(x, rotations, b), reference.butterfly(x64, rot64, b), dtype)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, b, list(output_mask))
+    want = reference.butterfly_backward(grad64, x64, rot64, b)
+    for needed, g, w in zip(output_mask, got, want, strict=True):
+        if needed:
+            assert g.dtype == dtype and g.shape == w.shape
+            assert_close_rel(g, w, dtype)
+        else:
+            assert g.shape == (0,) and g.dtype == dtype
+
+
 def test_many_rows_use_several_tiles(device: str) -> None:
     x, rotations = _rand(4, 3, 32, (257,), device)
     grad = torch.randn_like(x)
