@@ -4,8 +4,8 @@
 // kTileRows rows x C columns, stores it column-major in the accumulation type (each update is then a
 // fixed-length loop over rows that the compiler vectorises), applies all m factors in place and
 // writes the tile once. One factor of wide blocks is a product per block instead, by the block kernel
-// (each block's product written straight into its columns of the result) or by BLAS; so are several
-// factors of many rows, as one factor of their chunks (butterfly_chunks.cpp). The loops are
+// (each block's product written straight into its columns of the result) or by BLAS; so are factors
+// of many rows, as one factor of their chunks (butterfly_chunks.cpp). The loops are
 // compiled for AVX-512, AVX2+FMA and the baseline instruction set, in vectors of that set's width, and
 // chosen at run time (cpu_isa.h).
 #include <algorithm>
@@ -363,7 +363,7 @@ Tensor butterfly_cpu(const Tensor& x, const Tensor& rotations, int64_t block_siz
     if (!block_kernel_takes(x, block_size)) return butterfly_by_matmul(x, rotations, block_size);
     return block_product(torch::stable::contiguous(x), to_acc_contiguous(rotations), block_size);
   }
-  if (chunks_take(x, rotations, block_size)) return chunk_product(x, rotations, block_size);
+  if (chunks_take(x, rotations, block_size, false)) return chunk_product(x, rotations, block_size);
   return tile_product(x, rotations, block_size);
 }
 
@@ -408,7 +408,7 @@ std::tuple<Tensor, Tensor> butterfly_backward_cpu(const Tensor& grad, const Tens
     const Tensor rot_t = torch::stable::contiguous(torch::stable::transpose(to_acc_contiguous(rotations), -1, -2));
     return {block_product(torch::stable::contiguous(grad), rot_t, block_size), grad_rot};
   }
-  if (chunks_take(x, rotations, block_size)) return chunk_backward(grad, x, rotations, block_size, output_mask);
+  if (chunks_take(x, rotations, block_size, true)) return chunk_backward(grad, x, rotations, block_size, output_mask);
   return tile_backward(grad, x, rotations, block_size, output_mask);
 }
 

@@ -28,10 +28,10 @@ Tensor tile_product(const Tensor& x, const Tensor& rotations, int64_t block_size
 std::tuple<Tensor, Tensor> tile_backward(const Tensor& grad, const Tensor& x, const Tensor& rotations,
                                          int64_t block_size, const std::vector<bool>& output_mask);
 
-// Two or more factors of float or double blocks as one factor of their dense C x C chunks, C = b * 2^(m-1),
-// by the block kernels (butterfly_chunks.cpp): where chunks_take, for x (..., N) and rotations (m, D, b, b)
-// of x's dtype.
-bool chunks_take(const Tensor& x, const Tensor& rotations, int64_t block_size);
+// Factors of float or double blocks as one factor of their dense chunks (of C = b * 2^(m-1) columns or a
+// multiple) by the block kernels (butterfly_chunks.cpp): where chunks_take, for the forward or the
+// backward, for x (..., N) and rotations (m, D, b, b) of x's dtype.
+bool chunks_take(const Tensor& x, const Tensor& rotations, int64_t block_size, bool backward);
 Tensor chunk_product(const Tensor& x, const Tensor& rotations, int64_t block_size);
 std::tuple<Tensor, Tensor> chunk_backward(const Tensor& grad, const Tensor& x, const Tensor& rotations,
                                           int64_t block_size, const std::vector<bool>& output_mask);

@@ -107,9 +107,11 @@ def test_one_factor_of_wide_blocks_non_contiguous(b: int, device: str) -> None:
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
-# Several factors with enough rows (8 per row of a chunk, at least 384) that the CPU multiplies by the
-# dense chunks of C = b * 2^(m-1) columns where its block kernels take C: (b, m, N, leading dims of x).
-# C = 8 is taken for float64 only, C = 64 with AVX-512 only; the last case is one row short.
+# Factors with enough rows (8 per chunk column, at least 384; 768 for one factor's backward) that the CPU
+# multiplies by the dense chunks of C = b * 2^(m-1) columns where its block kernels take C, and by two or
+# more chunks together where C is narrower than their panels (16 float or 8 double columns, dividing N):
+# (b, m, N, leading dims of x). C = 64 is taken with AVX-512 only; (8, 3, 64) is one row short, and the
+# chunks of (8, 1, 24) cannot go together.
 CHUNK_CASES = [
     (4, 2, 16, (400,)),
     (8, 2, 64, (390,)),
@@ -118,6 +120,11 @@ CHUNK_CASES = [
     (4, 4, 64, (401,)),
     (8, 4, 128, (515,)),
     (8, 3, 64, (383,)),
+    (8, 1, 64, (390,)),
+    (4, 1, 32, (770,)),
+    (1, 1, 32, (2, 400)),
+    (2, 2, 48, (3, 130)),
+    (8, 1, 24, (800,)),
 ]
 
 
