@@ -15,7 +15,8 @@ namespace orthoft {
 namespace {
 
 constexpr int64_t kPanelRows = 6;
-constexpr int64_t kBlockTaskRows = 96;
+// The fewest rows a thread takes.
+constexpr int64_t kMinTaskRows = 96;
 // Rows a gradient task reads per pass over its block: two 96-row slices of a 32-column block stay in L1.
 constexpr int64_t kGradChunkRows = 96;
 // Wider blocks go to BLAS, which is faster there (butterfly_by_matmul); so do 64-column blocks without
@@ -70,12 +71,12 @@ ORTHOFT_ALWAYS_INLINE void product_rows(const BlockArgs<T>& a, int64_t r) {
   }
 }
 
-// Task item: kBlockTaskRows rows, kPanelRows at a time through every block, so that x and y stream
-// row by row (the blocks' rotations stay in L2).
+// Item: kPanelRows rows through every block, so that x and y stream row by row (the blocks' rotations
+// stay in L2).
 template <typename T, int64_t Bytes>
 ORTHOFT_ALWAYS_INLINE void product_items(const BlockArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t first = begin * kBlockTaskRows;
-  const int64_t last = std::min(a.rows, end * kBlockTaskRows);
+  const int64_t first = begin * kPanelRows;
+  const int64_t last = std::min(a.rows, end * kPanelRows);
   int64_t r = first;
   for (; r + kPanelRows <= last; r += kPanelRows) product_rows<T, Bytes, kPanelRows>(a, r);
   for (; r < last; ++r) product_rows<T, Bytes, 1>(a, r);
@@ -148,7 +149,9 @@ void product_into(const Tensor& x, const Tensor& w, int64_t block_size, Tensor& 
   const int64_t rows = rows_of(x);
   const BlockArgs<T> args{x.const_data_ptr<T>(), w.const_data_ptr<T>(), out.mutable_data_ptr<T>(), rows,
                           x.size(-1), block_size};
-  torch::stable::parallel_for(0, (rows + kBlockTaskRows - 1) / kBlockTaskRows, 1, [&](int64_t begin, int64_t end) {
+  // Each thread takes one run of panels, all of about the same length.
+  const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
+  torch::stable::parallel_for(0, panels, kMinTaskRows / kPanelRows, [&](int64_t begin, int64_t end) {
     run_items(args, begin, end, [](const auto& a, int64_t b, int64_t e, auto bytes) ORTHOFT_INLINE_LAMBDA {
       product_items<T, decltype(bytes)::value>(a, b, e);
     });
