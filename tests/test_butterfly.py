@@ -60,6 +60,33 @@ def test_backward_matches_reference_autograd(
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
+def _assert_matches_float64(
+    b: int,
+    m: int,
+    n: int,
+    batch: tuple[int, ...],
+    dtype: torch.dtype,
+    output_mask: tuple[bool, bool],
+    device: str,
+) -> None:
+    """The forward and the gradients ``output_mask`` asks for, in ``dtype``, against the float64 reference;
+    a gradient not asked for is empty."""
+    x64, rot64 = _rand(b, m, n, batch, device)
+    grad64 = torch.randn_like(x64)
+    x, rotations, grad = x64.to(dtype), rot64.to(dtype), grad64.to(dtype)
+    out = ops.butterfly(x, rotations, b)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close_rel(out, reference.butterfly(x64, rot64, b), dtype)
+    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, b, list(output_mask))
+    want = reference.butterfly_backward(grad64, x64, rot64, b)
+    for needed, g, w in zip(output_mask, got, want, strict=True):
+        if needed:
+            assert g.dtype == dtype and g.shape == w.shape
+            assert_close_rel(g, w, dtype)
+        else:
+            assert g.shape == (0,) and g.dtype == dtype
+
+
 # One factor of blocks of 16 or more columns: (b, N, leading dims of x). Blocks up to 32 columns that
 # fill whole register panels run through the CPU's block kernel (row counts that leave partial panels
 # and tasks), the others through BLAS.
@@ -78,20 +105,7 @@ WIDE_BLOCK_CASES = [
 def test_one_factor_of_wide_blocks(
     b: int, n: int, batch: tuple[int, ...], dtype: torch.dtype, output_mask: tuple[bool, bool], device: str
 ) -> None:
-    x64, rot64 = _rand(b, 1, n, batch, device)
-    grad64 = torch.randn_like(x64)
-    x, rotations, grad = x64.to(dtype), rot64.to(dtype), grad64.to(dtype)
-    out = ops.butterfly(x, rotations, b)
-    assert out.dtype == dtype and out.shape == x.shape
-    assert_close_rel(out, reference.butterfly(x64, rot64, b), dtype)
-    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, b, list(output_mask))
-    want = reference.butterfly_backward(grad64, x64, rot64, b)
-    for needed, g, w in zip(output_mask, got, want, strict=True):
-        if needed:
-            assert g.dtype == dtype and g.shape == w.shape
-            assert_close_rel(g, w, dtype)
-        else:
-            assert g.shape == (0,) and g.dtype == dtype
+    _assert_matches_float64(b, 1, n, batch, dtype, output_mask, device)
 
 
 @pytest.mark.parametrize("b", [16, 64])
@@ -131,7 +145,7 @@ CHUNK_CASES = [
 @pytest.mark.parametrize(("b", "m", "n", "batch"), CHUNK_CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("output_mask", [(True, False), (False, True), (True, True)])
-def test_several_factors_by_their_chunks(
+def test_factors_by_their_chunks(
     b: int,
     m: int,
     n: int,
@@ -140,18 +154,7 @@ def test_several_factors_by_their_chunks(
     output_mask: tuple[bool, bool],
     device: str,
 ) -> None:
-    x64, rot64 = _rand(b, m, n, batch, device)
-    grad64 = torch.randn_like(x64)
-    x, rotations, grad = x64.to(dtype), rot64.to(dtype), grad64.to(dtype)
-    assert_close_rel(ops.butterfly(x, rotations, b), reference.butterfly(x64, rot64, b), dtype)
-    got = torch.ops.orthoft.butterfly_backward(grad, x, rotations, b, list(output_mask))
-    want = reference.butterfly_backward(grad64, x64, rot64, b)
-    for needed, g, w in zip(output_mask, got, want, strict=True):
-        if needed:
-            assert g.dtype == dtype and g.shape == w.shape
-            assert_close_rel(g, w, dtype)
-        else:
-            assert g.shape == (0,) and g.dtype == dtype
+    _assert_matches_float64(b, m, n, batch, dtype, output_mask, device)
 
 
 def test_many_rows_use_several_tiles(device: str) -> None:
