@@ -15,7 +15,7 @@ namespace orthoft {
 namespace {
 
 // Rows of x from which the chunks' own butterfly (C rows, forward and backward) is a small part of the
-// call: 8 per row of the chunks, and at least 384 (1024 columns: C = 16 at 256 rows took 1.01-1.08x
+// call: 8 per chunk column, and at least 384 (1024 columns: C = 16 at 256 rows took 1.01-1.08x
 // the factors' time forward and backward, at 384 rows 0.85-0.88x; C = 64 at 512 rows 0.77x).
 constexpr int64_t kRowsPerChunkRow = 8;
 constexpr int64_t kMinChunkRows = 384;
@@ -90,13 +90,12 @@ std::tuple<Tensor, Tensor> chunk_backward(const Tensor& grad, const Tensor& x, c
                                           int64_t block_size, const std::vector<bool>& output_mask) {
   const int64_t c = chunk_size(x, rotations, block_size);
   const Tensor eye = tiled_identity(rotations, c, x.size(-1));
-  const Tensor chunks = tiles_to_chunks(tile_product(eye, rotations, block_size), c);
   const Tensor g = torch::stable::contiguous(grad);
   Tensor grad_x = torch::stable::new_empty(x, {0});
   Tensor grad_rot = torch::stable::new_empty(rotations, {0});
   if (output_mask[0]) {
-    const Tensor chunks_t = torch::stable::contiguous(torch::stable::transpose(chunks, -1, -2));
-    grad_x = block_product(g, chunks_t, c);
+    const Tensor chunks = tiles_to_chunks(tile_product(eye, rotations, block_size), c);
+    grad_x = block_product(g, torch::stable::contiguous(torch::stable::transpose(chunks, -1, -2)), c);
   }
   if (output_mask[1]) {
     // The chunks' gradient, x^T @ grad per chunk, back through the chunks' own butterfly.
