@@ -345,8 +345,9 @@ void run_backward(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t e
 // rotation, which the tile loops (made for chains of small blocks) do slower: the block kernels take
 // the block sizes block_kernel_takes, BLAS the others, (D, rows, b) @ (D, b, b) through torch's
 // dispatcher (butterfly.h).
-bool one_wide_factor(const Tensor& x, const Tiling& p) {
-  return p.m == 1 && p.b >= 16 && (x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double);
+bool one_wide_factor(const Tensor& x, const Tensor& rotations, int64_t block_size) {
+  return rotations.size(0) == 1 && block_size >= 16 &&
+         (x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double);
 }
 
 Tensor to_acc_contiguous(const Tensor& t) {
@@ -358,8 +359,7 @@ Tensor to_acc_contiguous(const Tensor& t) {
 Tensor butterfly_cpu(const Tensor& x, const Tensor& rotations, int64_t block_size) {
   check_butterfly(x, rotations, block_size);
   STD_TORCH_CHECK(x.is_cpu(), "orthoft.ops.butterfly: the CPU kernel got x on another device");
-  const Tiling p(x, rotations, block_size);
-  if (one_wide_factor(x, p)) {
+  if (one_wide_factor(x, rotations, block_size)) {
     if (!block_kernel_takes(x, block_size)) return butterfly_by_matmul(x, rotations, block_size);
     return block_product(torch::stable::contiguous(x), to_acc_contiguous(rotations), block_size);
   }
@@ -388,23 +388,19 @@ std::tuple<Tensor, Tensor> butterfly_backward_cpu(const Tensor& grad, const Tens
                                                   int64_t block_size, std::vector<bool> output_mask) {
   check_butterfly_backward(grad, x, rotations, block_size, output_mask);
   STD_TORCH_CHECK(x.is_cpu(), "orthoft.ops.butterfly_backward: the CPU kernel got x on another device");
-  const bool need_x = output_mask[0];
-  const bool need_rot = output_mask[1];
-  const Tiling p(x, rotations, block_size);
-  if (one_wide_factor(x, p)) {
+  if (one_wide_factor(x, rotations, block_size)) {
     if (!block_kernel_takes(x, block_size)) {
       return butterfly_backward_by_matmul(grad, x, rotations, block_size, output_mask);
     }
     // x's gradient by the block kernel with the transposed blocks; the rotations' gradient, x^T @ grad
-    // per block, by its gradient kernel.
-    const Tensor grad_rot = need_rot ? torch::stable::to(
-                                           torch::stable::reshape(block_gradient(torch::stable::contiguous(x),
-                                                                                 torch::stable::contiguous(grad),
-                                                                                 block_size),
-                                                                  shape(rotations)),
-                                           rotations.scalar_type())
-                                     : torch::stable::new_empty(rotations, {0});
-    if (!need_x) return {torch::stable::new_empty(x, {0}), grad_rot};
+    // per block, by its gradient kernel (in x's dtype, which is the rotations').
+    const Tensor grad_rot =
+        output_mask[1]
+            ? torch::stable::reshape(
+                  block_gradient(torch::stable::contiguous(x), torch::stable::contiguous(grad), block_size),
+                  shape(rotations))
+            : torch::stable::new_empty(rotations, {0});
+    if (!output_mask[0]) return {torch::stable::new_empty(x, {0}), grad_rot};
     const Tensor rot_t = torch::stable::contiguous(torch::stable::transpose(to_acc_contiguous(rotations), -1, -2));
     return {block_product(torch::stable::contiguous(grad), rot_t, block_size), grad_rot};
   }
