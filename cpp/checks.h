@@ -111,4 +111,27 @@ inline void check_butterfly_backward(const Tensor& grad, const Tensor& x, const 
                   output_mask.size());
 }
 
+// x: (..., F, P), blocks: (D, C, C) with D * C = F
+inline void check_channel_blocks(const Tensor& x, const Tensor& blocks) {
+  check_dtype(x, "channel_blocks", "x");
+  check_same(x, "x", blocks, "blocks", "channel_blocks");
+  STD_TORCH_CHECK(x.dim() >= 2, "orthoft.ops.channel_blocks: x must have shape (..., F, P), got ", PrintShape{x});
+  STD_TORCH_CHECK(blocks.dim() == 3, "orthoft.ops.channel_blocks: blocks must have shape (D, C, C), got ",
+                  PrintShape{blocks});
+  check_square_blocks(blocks, "channel_blocks", "blocks", 3);
+  STD_TORCH_CHECK(blocks.size(0) * blocks.size(1) == x.size(-2), "orthoft.ops.channel_blocks: blocks (D, C, C) ",
+                  "must split the F = ", x.size(-2), " channels of x into D chunks of C (D * C = F), got blocks ",
+                  "of shape ", PrintShape{blocks});
+}
+
+inline void check_channel_blocks_backward(const Tensor& grad, const Tensor& x, const Tensor& blocks,
+                                          const std::vector<bool>& output_mask) {
+  check_channel_blocks(x, blocks);
+  check_same(grad, "grad", x, "x", "channel_blocks_backward");
+  STD_TORCH_CHECK(grad.sizes().equals(x.sizes()), "orthoft.ops.channel_blocks_backward: grad must have the shape ",
+                  "of x ", PrintShape{x}, ", got ", PrintShape{grad});
+  STD_TORCH_CHECK(output_mask.size() == 2, "orthoft.ops.channel_blocks_backward: output_mask must hold two flags, ",
+                  "got ", output_mask.size());
+}
+
 }  // namespace orthoft

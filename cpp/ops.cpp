@@ -16,4 +16,8 @@ STABLE_TORCH_LIBRARY(orthoft, m) {
   m.def(
       "butterfly_backward(Tensor grad, Tensor x, Tensor rotations, int block_size, bool[2] output_mask) -> "
       "(Tensor, Tensor)");
+  // x (..., F, P): at each of the P positions, the row of F channels @ blockdiag(blocks), blocks (F/C, C, C)
+  m.def("channel_blocks(Tensor x, Tensor blocks) -> Tensor");
+  m.def(
+      "channel_blocks_backward(Tensor grad, Tensor x, Tensor blocks, bool[2] output_mask) -> (Tensor, Tensor)");
 }

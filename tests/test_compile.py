@@ -61,3 +61,14 @@ def test_butterfly_dynamic_batch(device: str) -> None:
     for rows in (3, 7, 11):
         x = torch.randn(rows, 16, device=device)
         torch.testing.assert_close(compiled(x), reference.butterfly(x, rotations, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_blocks(device: str) -> None:
+    x = torch.randn(3, 32, 21, device=device, requires_grad=True)
+    blocks = torch.randn(4, 8, 8, device=device, requires_grad=True)
+    weight = torch.randn_like(x)
+    op = torch.ops.orthoft.channel_blocks.default
+    got = torch.autograd.grad(_compiled(lambda a, b: (op(a, b) * weight).sum())(x, blocks), (x, blocks))
+    want = torch.autograd.grad((reference.channel_blocks(x, blocks) * weight).sum(), (x, blocks))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

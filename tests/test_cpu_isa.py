@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-OPERATOR_TESTS = ["test_block_diag.py", "test_butterfly.py", "test_cayley.py"]
+OPERATOR_TESTS = ["test_block_diag.py", "test_butterfly.py", "test_cayley.py", "test_channel_blocks.py"]
 
 
 @pytest.mark.parametrize("capability", ["avx2", "default"])

@@ -200,3 +200,45 @@ def butterfly_backward(
         ValueError,
         lambda: f"orthoft.ops.butterfly_backward: output_mask must hold two flags, got {len(output_mask)}",
     )
+
+
+def channel_blocks(check: Check, x: torch.Tensor, blocks: torch.Tensor) -> None:
+    op = "orthoft.ops.channel_blocks"
+    _dtype(check, x, "channel_blocks", "x")
+    _same(check, x, "x", blocks, "blocks", "channel_blocks")
+    check(x.dim() >= 2, ValueError, lambda: f"{op}: x must have shape (..., F, P), got {_shape(x)}")
+    check(
+        blocks.dim() == 3, ValueError, lambda: f"{op}: blocks must have shape (D, C, C), got {_shape(blocks)}"
+    )
+    _square_blocks(check, blocks, "channel_blocks", "blocks", 3)
+    f = x.shape[-2]
+    check(
+        blocks.shape[0] * blocks.shape[1] == f,
+        ValueError,
+        lambda: (
+            f"{op}: blocks (D, C, C) must split the F = {f} channels of x into D chunks of C (D * C = F), "
+            f"got blocks of shape {_shape(blocks)}"
+        ),
+    )
+
+
+def channel_blocks_backward(
+    check: Check, grad: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, output_mask: Sequence[bool]
+) -> None:
+    channel_blocks(check, x, blocks)
+    _same(check, grad, "grad", x, "x", "channel_blocks_backward")
+    check(
+        grad.shape == x.shape,
+        ValueError,
+        lambda: (
+            f"orthoft.ops.channel_blocks_backward: grad must have the shape of x {_shape(x)}, "
+            f"got {_shape(grad)}"
+        ),
+    )
+    check(
+        len(output_mask) == 2,
+        ValueError,
+        lambda: (
+            f"orthoft.ops.channel_blocks_backward: output_mask must hold two flags, got {len(output_mask)}"
+        ),
+    )

@@ -68,6 +68,26 @@ def _butterfly_backward_fake(
     )
 
 
+@torch.library.register_fake("orthoft::channel_blocks")
+def _channel_blocks_fake(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    _checks.channel_blocks(_check, x, blocks)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("orthoft::channel_blocks_backward")
+def _channel_blocks_backward_fake(
+    grad: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, output_mask: Sequence[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _checks.channel_blocks_backward(_check, grad, x, blocks, output_mask)
+    need_x, need_blocks = output_mask
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
+        torch.empty_like(blocks, memory_format=torch.contiguous_format)
+        if need_blocks
+        else blocks.new_empty(0),
+    )
+
+
 # Autograd: each backward is an operator of its own, asked only for the gradients autograd needs.
 def _block_diag_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     ctx.block_size = inputs[0].shape[-1]
@@ -105,9 +125,25 @@ def _butterfly_backward(
     return (grad_x if need_x else None), (grad_rotations if need_rotations else None), None
 
 
+def _channel_blocks_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _channel_blocks_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    x, blocks = ctx.saved_tensors
+    need_x, need_blocks = ctx.needs_input_grad[:2]
+    grad_x, grad_blocks = torch.ops.orthoft.channel_blocks_backward.default(
+        grad, x, blocks, [need_x, need_blocks]
+    )
+    return (grad_x if need_x else None), (grad_blocks if need_blocks else None)
+
+
 torch.library.register_autograd("orthoft::block_diag", _block_diag_backward, setup_context=_block_diag_setup)
 torch.library.register_autograd("orthoft::cayley", _cayley_backward, setup_context=_cayley_setup)
 torch.library.register_autograd("orthoft::butterfly", _butterfly_backward, setup_context=_butterfly_setup)
+torch.library.register_autograd(
+    "orthoft::channel_blocks", _channel_blocks_backward, setup_context=_channel_blocks_setup
+)
 
 
 # A build without CUDA kernels still computes the same functions on CUDA tensors, with the reference.

@@ -166,3 +166,27 @@ def butterfly_matrix(rotations: torch.Tensor, block_size: int) -> torch.Tensor:
         factor = p @ torch.block_diag(*rotations[i]) @ p.T
         total = factor @ total
     return total
+
+
+def channel_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., F, P)``: at each of its ``P`` positions, the row of ``F`` channels times
+    ``blockdiag(blocks)``."""
+    return (x.mT @ block_diag(blocks)).mT
+
+
+def channel_blocks_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    output_mask: tuple[bool, bool] | list[bool] = (True, True),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``channel_blocks`` for ``x`` and ``blocks``; one not asked for is an empty tensor."""
+    d, c, _ = blocks.shape
+    need_x, need_blocks = output_mask
+    grad_x = (grad.mT @ block_diag(blocks).mT).mT if need_x else x.new_empty(0)
+    x_chunks = x.reshape(*x.shape[:-2], d, c, x.shape[-1])
+    grad_chunks = grad.reshape(*grad.shape[:-2], d, c, grad.shape[-1])
+    grad_blocks = (
+        torch.einsum("...dkp,...dip->dki", x_chunks, grad_chunks) if need_blocks else blocks.new_empty(0)
+    )
+    return grad_x.contiguous(), grad_blocks.contiguous()

@@ -5,6 +5,7 @@ For a 1x1 kernel the flattened filter is the input channels of one group, so
 (of any mode), stride and dilation act on pixels only and commute with it. Rotating the input needs
 no gradient of the convolution's weight: the backward costs the frozen convolution's own input
 gradient plus two products with the dense chunks of ``R``, instead of a weight-gradient convolution.
+Both run in one ``channel_blocks`` backward, on the NCHW layout as it is.
 Forward convolves ``x`` with the rotated weight, which costs less than rotating ``x``.
 
 Backward takes the gradient of ``x R`` from a convolution with the unrotated weight: it needs only
@@ -21,10 +22,9 @@ from .output_scale import scale_gradient
 from .rotation import times_chunks_transposed
 
 
-def _channel_blocks(x: torch.Tensor, groups: int, chunks: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(N, groups * F, H, W)`` as ``(N, groups, F/C, C, H*W)`` for chunks ``(F/C, C, C)``."""
-    n, c = chunks.shape[:2]
-    return x.reshape(x.shape[0], groups, n, c, -1)
+def _positions(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``x`` ``(N, groups * F, H, W)`` as ``(N * groups, F, H * W)``: each group's channels at every pixel."""
+    return x.reshape(x.shape[0] * groups, x.shape[1] // groups, -1)
 
 
 class _RotatedInputConv(torch.autograd.Function):
@@ -71,16 +71,21 @@ class _RotatedInputConv(torch.autograd.Function):
             groups,
             [True, False, need_bias],
         )
-        grad_x = grad_chunks = grad_scale = None
-        grad_blocks = _channel_blocks(grad_rotated, groups, chunks)
-        if need_x:
-            grad_x = torch.matmul(chunks, grad_blocks).reshape(x.shape)
-        if need_chunks:
-            grad_chunks = torch.matmul(_channel_blocks(x, groups, chunks), grad_blocks.mT).sum((0, 1))
+        grad_x, grad_chunks = torch.ops.orthoft.channel_blocks_backward.default(
+            _positions(grad_rotated, groups), _positions(x, groups), chunks, [need_x, need_chunks]
+        )
+        grad_scale = None
         if need_scale:
             output, bias = kept
             grad_scale = scale_gradient(grad, output, scale, bias, channel_dim=1)
-        return grad_x, grad_chunks, None, grad_scale, (grad_bias if need_bias else None), None
+        return (
+            grad_x.reshape(x.shape) if need_x else None,
+            grad_chunks if need_chunks else None,
+            None,
+            grad_scale,
+            grad_bias if need_bias else None,
+            None,
+        )
 
 
 def _rotate_filters(weight: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
