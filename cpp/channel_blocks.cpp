@@ -5,8 +5,12 @@
 // slice is a (C, C) matrix times it: the block, transposed, in forward, and the block itself for x's
 // gradient. A panel keeps a few rows by two vectors of positions in registers. The blocks' gradient sums
 // x's slices times grad's, transposed, over every leading index: a tile keeps a few by a few rows of
-// vectors of positions and sums their lanes at the end. Positions are contiguous, so both run along them;
-// the last positions, fewer than a vector, go through zero-padded copies.
+// vectors of positions and sums their lanes at the end, and every tile of a few rows of x passes over a
+// segment of positions before the next, so that those rows are read from L1 (1x1 1024->256 at 14x14,
+// batch 8, C = 32: 0.47 ms, against 0.56 ms for whole rows and 0.64 ms for batched matmuls). Positions
+// are contiguous, so both run along them; the last positions, fewer than a vector, go through
+// zero-padded copies. The backward takes both gradients chunk by chunk where there are chunks enough
+// for every thread, so that grad's slices are still in cache for the blocks' gradient.
 #include <algorithm>
 #include <vector>
 
