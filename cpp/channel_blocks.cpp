@@ -103,20 +103,21 @@ ORTHOFT_ALWAYS_INLINE void product_slice(const Coefficients<T>& a, const T* y, T
   for (int64_t i = 0; i < c; ++i) std::copy(pad_out + i * w, pad_out + i * w + tail, out + i * p + col);
 }
 
-// Items: slices, leading index by leading index.
+// One slice, leading index by leading index; pads holds 2 * C vectors.
+template <typename T, int64_t Bytes>
+ORTHOFT_ALWAYS_INLINE void product_item(const Args<T>& a, int64_t item, T* pads) {
+  const T* block = a.blocks + (item % (a.f / a.c)) * a.c * a.c;
+  const Coefficients<T> coefficients = a.transposed ? Coefficients<T>{block, 1, a.c} : Coefficients<T>{block, a.c, 1};
+  const int64_t offset = item * a.c * a.p;
+  product_slice<T, Bytes>(coefficients, a.x + offset, a.out + offset, a.c, a.p, pads,
+                          pads + a.c * kSimdWidth<T, Bytes>);
+}
+
+// Items: slices.
 template <typename T, int64_t Bytes>
 ORTHOFT_ALWAYS_INLINE void product_items(const Args<T>& a, int64_t begin, int64_t end) {
-  constexpr int64_t w = kSimdWidth<T, Bytes>;
-  std::vector<T> pads(2 * a.c * w);
-  const int64_t chunks = a.f / a.c;
-  for (int64_t item = begin; item < end; ++item) {
-    const T* block = a.blocks + (item % chunks) * a.c * a.c;
-    const Coefficients<T> coefficients =
-        a.transposed ? Coefficients<T>{block, 1, a.c} : Coefficients<T>{block, a.c, 1};
-    const int64_t offset = item * a.c * a.p;
-    product_slice<T, Bytes>(coefficients, a.x + offset, a.out + offset, a.c, a.p, pads.data(),
-                            pads.data() + a.c * w);
-  }
+  std::vector<T> pads(2 * a.c * kSimdWidth<T, Bytes>);
+  for (int64_t item = begin; item < end; ++item) product_item<T, Bytes>(a, item, pads.data());
 }
 
 // acc[k][i] += x[k, 0 .. W] * g[i, 0 .. W], rows `stride` apart.
@@ -256,10 +257,9 @@ template <typename T, int64_t Bytes>
 ORTHOFT_ALWAYS_INLINE void backward_items(const Args<T>& product, const Args<T>& gradient, int64_t begin,
                                           int64_t end) {
   const int64_t chunks = product.f / product.c;
+  std::vector<T> pads(2 * product.c * kSimdWidth<T, Bytes>);
   for (int64_t chunk = begin; chunk < end; ++chunk) {
-    for (int64_t l = 0; l < product.leading; ++l) {
-      product_items<T, Bytes>(product, l * chunks + chunk, l * chunks + chunk + 1);
-    }
+    for (int64_t l = 0; l < product.leading; ++l) product_item<T, Bytes>(product, l * chunks + chunk, pads.data());
     gradient_items<T, Bytes>(gradient, chunk, chunk + 1);
   }
 }
