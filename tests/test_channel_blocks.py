@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from orthoft import reference
 
@@ -130,33 +129,3 @@ def test_opcheck(leading: tuple[int, ...], d: int, c: int, p: int, device: str) 
     torch.library.opcheck(OP, (x.requires_grad_(), blocks.requires_grad_()))
     for output_mask in ([True, True], [True, False], [False, True]):
         torch.library.opcheck(BACKWARD, (torch.randn_like(x), x.detach(), blocks.detach(), output_mask))
-
-
-def _refused(args: tuple[object, ...], op: object, match: str) -> None:
-    """The kernel and the fake kernel refuse ``args`` with the same message."""
-    with pytest.raises(RuntimeError, match=match):
-        op(*args)
-    fake_mode = FakeTensorMode()
-    fake_args = tuple(fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-    with fake_mode, pytest.raises(RuntimeError, match=match):
-        op(*fake_args)
-
-
-@pytest.mark.parametrize(
-    ("x_shape", "blocks_shape", "match"),
-    [
-        ((24,), (3, 8, 8), r"x must have shape \(\.\.\., F, P\), got"),
-        ((2, 24, 5), (24, 1), r"blocks must have shape \(D, C, C\), got"),
-        ((2, 24, 5), (3, 8, 4), "non-empty square blocks"),
-        ((2, 24, 5), (2, 8, 8), r"split the F = 24 channels of x into D chunks of C \(D \* C = F\)"),
-    ],
-)
-def test_shape_errors(x_shape: tuple[int, ...], blocks_shape: tuple[int, ...], match: str) -> None:
-    _refused((torch.randn(x_shape), torch.randn(blocks_shape)), OP, match)
-
-
-def test_dtype_and_grad_errors() -> None:
-    x, blocks = torch.randn(2, 16, 5), torch.randn(2, 8, 8)
-    _refused((x, blocks.double()), OP, "x and blocks must have the same dtype")
-    _refused((x.long(), blocks.long()), OP, "x must be float32, float64, float16 or bfloat16, got")
-    _refused((torch.randn(2, 16, 6), x, blocks, [True, True]), BACKWARD, "grad must have the shape of x")

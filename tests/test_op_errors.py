@@ -175,3 +175,26 @@ def test_device_mismatch() -> None:
         ops.butterfly(x, rot, 4)
     with pytest.raises(RuntimeError, match="same device"):
         torch.ops.orthoft.butterfly(x, rot, 4)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "blocks_shape", "match"),
+    [
+        ((24,), (3, 8, 8), r"x must have shape \(\.\.\., F, P\), got"),
+        ((2, 24, 5), (24, 1), r"blocks must have shape \(D, C, C\), got"),
+        ((2, 24, 5), (3, 8, 4), "non-empty square blocks"),
+        ((2, 24, 5), (2, 8, 8), r"split the F = 24 channels of x into D chunks of C \(D \* C = F\)"),
+    ],
+)
+def test_channel_blocks_shapes(x_shape: tuple[int, ...], blocks_shape: tuple[int, ...], match: str) -> None:
+    args = (torch.randn(x_shape), torch.randn(blocks_shape))
+    _refused_everywhere(None, torch.ops.orthoft.channel_blocks.default, args, ValueError, match)
+
+
+def test_channel_blocks_dtypes_and_grad_shape() -> None:
+    x, blocks = torch.randn(2, 16, 5), torch.randn(2, 8, 8)
+    op, backward = torch.ops.orthoft.channel_blocks.default, torch.ops.orthoft.channel_blocks_backward.default
+    _refused_everywhere(None, op, (x, blocks.double()), TypeError, "x and blocks must have the same dtype")
+    _refused_everywhere(None, op, (x.long(), blocks.long()), TypeError, "x must be float32, float64, float16")
+    args = (torch.randn(2, 16, 6), x, blocks, [True, True])
+    _refused_everywhere(None, backward, args, ValueError, "grad must have the shape of x")
