@@ -280,15 +280,35 @@ void product_into(const Tensor& y, const Tensor& blocks, bool transposed, Tensor
   });
 }
 
+// Fewer chunks than threads split the sum over the leading indices into parts, each into its own copy of
+// out, added in a fixed order so that the result does not depend on scheduling.
 template <typename T>
 void gradient_into(const Tensor& x, const Tensor& grad, int64_t c, Tensor& out) {
-  const Args<T> args{x.const_data_ptr<T>(), nullptr, grad.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
-                     leading_size(x), x.size(-2), x.size(-1), c, false};
-  torch::stable::parallel_for(0, out.size(0), grain(c * c * args.p * args.leading), [&](int64_t begin, int64_t end) {
-    run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA {
-      gradient_items<T, kVectorBytes<decltype(isa)::isa>>(args, begin, end);
-    });
+  const int64_t chunks = out.size(0), leading = leading_size(x), f = x.size(-2), p = x.size(-1);
+  const int64_t threads = torch::stable::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min(leading, (threads + chunks - 1) / chunks));
+  const int64_t numel = out.numel();
+  std::vector<T> partial(parts > 1 ? parts * numel : 0);
+  T* sums = parts > 1 ? partial.data() : out.mutable_data_ptr<T>();
+  const int64_t work = c * c * p * (leading / parts);
+  torch::stable::parallel_for(0, chunks * parts, grain(work), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t part = item % parts, chunk = item / parts;
+      const int64_t first = part * leading / parts, last = (part + 1) * leading / parts;
+      const Args<T> args{x.const_data_ptr<T>() + first * f * p, nullptr, grad.const_data_ptr<T>() + first * f * p,
+                         sums + part * numel, last - first, f, p, c, false};
+      run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA {
+        gradient_items<T, kVectorBytes<decltype(isa)::isa>>(args, chunk, chunk + 1);
+      });
+    }
   });
+  if (parts == 1) return;
+  T* data = out.mutable_data_ptr<T>();
+  for (int64_t e = 0; e < numel; ++e) {
+    T total = 0;
+    for (int64_t part = 0; part < parts; ++part) total += partial[part * numel + e];
+    data[e] = total;
+  }
 }
 
 // Both gradients, chunk by chunk.
