@@ -101,14 +101,20 @@ inline void check_butterfly(const Tensor& x, const Tensor& rotations, int64_t bl
   }
 }
 
+// A backward operator's grad (the gradient of its forward's output, shaped like x) and its two flags.
+inline void check_gradient_of_x(const Tensor& grad, const Tensor& x, const std::vector<bool>& output_mask,
+                                const char* op) {
+  check_same(grad, "grad", x, "x", op);
+  STD_TORCH_CHECK(grad.sizes().equals(x.sizes()), "orthoft.ops.", op, ": grad must have the shape of x ",
+                  PrintShape{x}, ", got ", PrintShape{grad});
+  STD_TORCH_CHECK(output_mask.size() == 2, "orthoft.ops.", op, ": output_mask must hold two flags, got ",
+                  output_mask.size());
+}
+
 inline void check_butterfly_backward(const Tensor& grad, const Tensor& x, const Tensor& rotations,
                                      int64_t block_size, const std::vector<bool>& output_mask) {
   check_butterfly(x, rotations, block_size);
-  check_same(grad, "grad", x, "x", "butterfly_backward");
-  STD_TORCH_CHECK(grad.sizes().equals(x.sizes()), "orthoft.ops.butterfly_backward: grad must have the shape of x ",
-                  PrintShape{x}, ", got ", PrintShape{grad});
-  STD_TORCH_CHECK(output_mask.size() == 2, "orthoft.ops.butterfly_backward: output_mask must hold two flags, got ",
-                  output_mask.size());
+  check_gradient_of_x(grad, x, output_mask, "butterfly_backward");
 }
 
 // x: (..., F, P), blocks: (D, C, C) with D * C = F
@@ -127,11 +133,7 @@ inline void check_channel_blocks(const Tensor& x, const Tensor& blocks) {
 inline void check_channel_blocks_backward(const Tensor& grad, const Tensor& x, const Tensor& blocks,
                                           const std::vector<bool>& output_mask) {
   check_channel_blocks(x, blocks);
-  check_same(grad, "grad", x, "x", "channel_blocks_backward");
-  STD_TORCH_CHECK(grad.sizes().equals(x.sizes()), "orthoft.ops.channel_blocks_backward: grad must have the shape ",
-                  "of x ", PrintShape{x}, ", got ", PrintShape{grad});
-  STD_TORCH_CHECK(output_mask.size() == 2, "orthoft.ops.channel_blocks_backward: output_mask must hold two flags, ",
-                  "got ", output_mask.size());
+  check_gradient_of_x(grad, x, output_mask, "channel_blocks_backward");
 }
 
 }  // namespace orthoft

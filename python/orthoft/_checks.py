@@ -76,6 +76,24 @@ def _square_blocks(check: Check, t: torch.Tensor, op: str, arg: str, min_dim: in
     )
 
 
+def _gradient_of_x(
+    check: Check, grad: torch.Tensor, x: torch.Tensor, output_mask: Sequence[bool], op: str
+) -> None:
+    """A backward operator's ``grad`` (the gradient of its forward's output, shaped like ``x``) and its
+    two ``output_mask`` flags."""
+    _same(check, grad, "grad", x, "x", op)
+    check(
+        grad.shape == x.shape,
+        ValueError,
+        lambda: f"orthoft.ops.{op}: grad must have the shape of x {_shape(x)}, got {_shape(grad)}",
+    )
+    check(
+        len(output_mask) == 2,
+        ValueError,
+        lambda: f"orthoft.ops.{op}: output_mask must hold two flags, got {len(output_mask)}",
+    )
+
+
 def block_diag(check: Check, blocks: torch.Tensor) -> None:
     _dtype(check, blocks, "block_diag", "blocks")
     _square_blocks(check, blocks, "block_diag", "blocks", 3)
@@ -187,19 +205,7 @@ def butterfly_backward(
     output_mask: Sequence[bool],
 ) -> None:
     butterfly(check, x, rotations, block_size)
-    _same(check, grad, "grad", x, "x", "butterfly_backward")
-    check(
-        grad.shape == x.shape,
-        ValueError,
-        lambda: (
-            f"orthoft.ops.butterfly_backward: grad must have the shape of x {_shape(x)}, got {_shape(grad)}"
-        ),
-    )
-    check(
-        len(output_mask) == 2,
-        ValueError,
-        lambda: f"orthoft.ops.butterfly_backward: output_mask must hold two flags, got {len(output_mask)}",
-    )
+    _gradient_of_x(check, grad, x, output_mask, "butterfly_backward")
 
 
 def channel_blocks(check: Check, x: torch.Tensor, blocks: torch.Tensor) -> None:
@@ -226,19 +232,4 @@ def channel_blocks_backward(
     check: Check, grad: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, output_mask: Sequence[bool]
 ) -> None:
     channel_blocks(check, x, blocks)
-    _same(check, grad, "grad", x, "x", "channel_blocks_backward")
-    check(
-        grad.shape == x.shape,
-        ValueError,
-        lambda: (
-            f"orthoft.ops.channel_blocks_backward: grad must have the shape of x {_shape(x)}, "
-            f"got {_shape(grad)}"
-        ),
-    )
-    check(
-        len(output_mask) == 2,
-        ValueError,
-        lambda: (
-            f"orthoft.ops.channel_blocks_backward: output_mask must hold two flags, got {len(output_mask)}"
-        ),
-    )
+    _gradient_of_x(check, grad, x, output_mask, "channel_blocks_backward")

@@ -54,18 +54,23 @@ def _butterfly_fake(x: torch.Tensor, rotations: torch.Tensor, block_size: int) -
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _gradients_like(
+    inputs: tuple[torch.Tensor, torch.Tensor], output_mask: Sequence[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A backward operator's two gradients: contiguous, like its inputs, or empty where not asked for."""
+    first, second = (
+        torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+        for t, needed in zip(inputs, output_mask, strict=True)
+    )
+    return first, second
+
+
 @torch.library.register_fake("orthoft::butterfly_backward")
 def _butterfly_backward_fake(
     grad: torch.Tensor, x: torch.Tensor, rotations: torch.Tensor, block_size: int, output_mask: Sequence[bool]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _checks.butterfly_backward(_check, grad, x, rotations, block_size, output_mask)
-    need_x, need_rotations = output_mask
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
-        torch.empty_like(rotations, memory_format=torch.contiguous_format)
-        if need_rotations
-        else rotations.new_empty(0),
-    )
+    return _gradients_like((x, rotations), output_mask)
 
 
 @torch.library.register_fake("orthoft::channel_blocks")
@@ -79,13 +84,7 @@ def _channel_blocks_backward_fake(
     grad: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, output_mask: Sequence[bool]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _checks.channel_blocks_backward(_check, grad, x, blocks, output_mask)
-    need_x, need_blocks = output_mask
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
-        torch.empty_like(blocks, memory_format=torch.contiguous_format)
-        if need_blocks
-        else blocks.new_empty(0),
-    )
+    return _gradients_like((x, blocks), output_mask)
 
 
 # Autograd: each backward is an operator of its own, asked only for the gradients autograd needs.
