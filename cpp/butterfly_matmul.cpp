@@ -50,17 +50,13 @@ Tensor acc_rows(const Tensor& t) {
   return reshape(torch::stable::to(t, acc_dtype(t.scalar_type())), {-1, t.size(-1)});
 }
 
-Tensor like(const Tensor& result, const Tensor& input) {
-  return torch::stable::contiguous(reshape(torch::stable::to(result, input.scalar_type()), shape(input)));
-}
-
 }  // namespace
 
 Tensor butterfly_by_matmul(const Tensor& x, const Tensor& rotations, int64_t block_size) {
   const Tensor rot = torch::stable::to(rotations, acc_dtype(x.scalar_type()));
   Tensor y = acc_rows(x);
   for (int64_t i = rot.size(0) - 1; i >= 0; --i) y = apply_factor(y, rot, block_size, i, false);
-  return like(y, x);
+  return result_like(y, x);
 }
 
 std::tuple<Tensor, Tensor> butterfly_backward_by_matmul(const Tensor& grad, const Tensor& x, const Tensor& rotations,
@@ -83,8 +79,8 @@ std::tuple<Tensor, Tensor> butterfly_backward_by_matmul(const Tensor& grad, cons
     }
     if (i + 1 < m || need_x) g = apply_factor(g, rot, block_size, i, true);
   }
-  return {need_x ? like(g, x) : torch::stable::new_empty(x, {0}),
-          need_rot ? like(grad_rot, rotations) : torch::stable::new_empty(rotations, {0})};
+  return {need_x ? result_like(g, x) : torch::stable::new_empty(x, {0}),
+          need_rot ? result_like(grad_rot, rotations) : torch::stable::new_empty(rotations, {0})};
 }
 
 }  // namespace orthoft

@@ -20,10 +20,6 @@ Tensor chunk_rows(const Tensor& slices) {
   return reshape(transpose(transpose(slices, 0, 1), 1, 2), {slices.size(1), slices.size(2), -1});
 }
 
-Tensor like(const Tensor& result, const Tensor& input) {
-  return torch::stable::contiguous(reshape(torch::stable::to(result, input.scalar_type()), shape(input)));
-}
-
 Tensor channel_blocks_any(const Tensor& x, const Tensor& blocks) {
   check_channel_blocks(x, blocks);
   return channel_blocks_by_matmul(x, blocks);
@@ -41,7 +37,7 @@ Tensor channel_blocks_by_matmul(const Tensor& x, const Tensor& blocks) {
   const int64_t d = blocks.size(0), c = blocks.size(1);
   const Tensor w = torch::stable::to(blocks, acc_dtype(x.scalar_type()));
   // Per slice, out = w^T @ x: the channels of each position, as a row, times the block.
-  return like(matmul(transpose(w, 1, 2), acc_slices(x, d, c)), x);
+  return result_like(matmul(transpose(w, 1, 2), acc_slices(x, d, c)), x);
 }
 
 std::tuple<Tensor, Tensor> channel_blocks_backward_by_matmul(const Tensor& grad, const Tensor& x,
@@ -50,9 +46,9 @@ std::tuple<Tensor, Tensor> channel_blocks_backward_by_matmul(const Tensor& grad,
   const int64_t d = blocks.size(0), c = blocks.size(1);
   const Tensor w = torch::stable::to(blocks, acc_dtype(x.scalar_type()));
   const Tensor g = acc_slices(grad, d, c);
-  const Tensor grad_x = output_mask[0] ? like(matmul(w, g), x) : torch::stable::new_empty(x, {0});
+  const Tensor grad_x = output_mask[0] ? result_like(matmul(w, g), x) : torch::stable::new_empty(x, {0});
   const Tensor grad_blocks =
-      output_mask[1] ? like(matmul(chunk_rows(acc_slices(x, d, c)), transpose(chunk_rows(g), 1, 2)), blocks)
+      output_mask[1] ? result_like(matmul(chunk_rows(acc_slices(x, d, c)), transpose(chunk_rows(g), 1, 2)), blocks)
                      : torch::stable::new_empty(blocks, {0});
   return {grad_x, grad_blocks};
 }

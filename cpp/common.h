@@ -73,6 +73,12 @@ inline std::vector<int64_t> shape(const Tensor& t) {
   return std::vector<int64_t>(sizes.begin(), sizes.end());
 }
 
+// A result computed in the accumulation type, as a contiguous tensor of input's dtype and shape.
+inline Tensor result_like(const Tensor& result, const Tensor& input) {
+  return torch::stable::contiguous(
+      torch::stable::reshape(torch::stable::to(result, input.scalar_type()), shape(input)));
+}
+
 // Calls an ATen operator through torch's stable dispatcher, with every argument its schema lists, and
 // returns its (first) tensor result.
 template <typename... Args>
