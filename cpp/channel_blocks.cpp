@@ -220,34 +220,32 @@ void pad_tails(const Args<T>& a, const T* t, int64_t w, T* pad) {
   }
 }
 
-// Items: chunks, each into its (C, C) slice of out.
+// One chunk into its (C, C) slice of out.
 template <typename T, int64_t Bytes>
-ORTHOFT_ALWAYS_INLINE void gradient_items(const Args<T>& a, int64_t begin, int64_t end) {
+ORTHOFT_ALWAYS_INLINE void gradient_chunk(const Args<T>& a, int64_t chunk) {
   constexpr int64_t w = kSimdWidth<T, Bytes>;
   constexpr int64_t rows = kTileRows<Bytes>;
+  const T* x = a.x + chunk * a.c * a.p;
+  const T* g = a.grad + chunk * a.c * a.p;
   const bool padded = a.p % w != 0;
   std::vector<T> x_pad(padded ? a.leading * a.c * w : 0);
   std::vector<T> g_pad(x_pad.size());
+  if (padded) {
+    pad_tails(a, x, w, x_pad.data());
+    pad_tails(a, g, w, g_pad.data());
+  }
   std::vector<T> acc(a.c * rows * w);
+  T* out = a.out + chunk * a.c * a.c;
+  int64_t k = 0;
   const std::vector<Segment> row_segments = segments<T, Bytes, rows>(a);
+  for (; k + rows <= a.c; k += rows) {
+    gradient_rows<T, Bytes, rows>(a, row_segments, x + k * a.p, g, x_pad.data() + k * w, g_pad.data(), acc.data(),
+                                  out + k * a.c);
+  }
   const std::vector<Segment> one_row_segments = segments<T, Bytes, 1>(a);
-  for (int64_t chunk = begin; chunk < end; ++chunk) {
-    const T* x = a.x + chunk * a.c * a.p;
-    const T* g = a.grad + chunk * a.c * a.p;
-    if (padded) {
-      pad_tails(a, x, w, x_pad.data());
-      pad_tails(a, g, w, g_pad.data());
-    }
-    T* out = a.out + chunk * a.c * a.c;
-    int64_t k = 0;
-    for (; k + rows <= a.c; k += rows) {
-      gradient_rows<T, Bytes, rows>(a, row_segments, x + k * a.p, g, x_pad.data() + k * w, g_pad.data(), acc.data(),
-                                    out + k * a.c);
-    }
-    for (; k < a.c; ++k) {
-      gradient_rows<T, Bytes, 1>(a, one_row_segments, x + k * a.p, g, x_pad.data() + k * w, g_pad.data(), acc.data(),
-                                 out + k * a.c);
-    }
+  for (; k < a.c; ++k) {
+    gradient_rows<T, Bytes, 1>(a, one_row_segments, x + k * a.p, g, x_pad.data() + k * w, g_pad.data(), acc.data(),
+                               out + k * a.c);
   }
 }
 
@@ -260,7 +258,7 @@ ORTHOFT_ALWAYS_INLINE void backward_items(const Args<T>& product, const Args<T>&
   std::vector<T> pads(2 * product.c * kSimdWidth<T, Bytes>);
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     for (int64_t l = 0; l < product.leading; ++l) product_item<T, Bytes>(product, l * chunks + chunk, pads.data());
-    gradient_items<T, Bytes>(gradient, chunk, chunk + 1);
+    gradient_chunk<T, Bytes>(gradient, chunk);
   }
 }
 
@@ -298,7 +296,7 @@ void gradient_into(const Tensor& x, const Tensor& grad, int64_t c, Tensor& out) 
       const Args<T> args{x.const_data_ptr<T>() + first * f * p, nullptr, grad.const_data_ptr<T>() + first * f * p,
                          sums + part * numel, last - first, f, p, c, false};
       run_for_cpu([&](auto isa) ORTHOFT_INLINE_LAMBDA {
-        gradient_items<T, kVectorBytes<decltype(isa)::isa>>(args, chunk, chunk + 1);
+        gradient_chunk<T, kVectorBytes<decltype(isa)::isa>>(args, chunk);
       });
     }
   });
