@@ -14,11 +14,13 @@
 namespace orthoft {
 namespace {
 
-// Rows of x from which the chunks' own butterfly (C rows, forward and backward) is a small part of the
-// call: 8 per chunk column, and at least 384 (1024 columns: C = 16 at 256 rows took 1.01-1.08x
-// the factors' time forward and backward, at 384 rows 0.85-0.88x; C = 64 at 512 rows 0.77x).
+// Rows of x from which the chunks' own butterfly (C rows) is a small part of the call: 8 per chunk
+// column. Forward needs no more (b = 8, 1024 columns: at 128 rows C = 16 took 0.82x the factors' time
+// and one factor merged 0.82x; at 256 rows C = 32 0.63x). Backward pays the chunks' butterfly twice,
+// so it takes at least 384 (C = 16 at 256 rows: 1.01-1.08x forward and backward, at 384 rows 0.85-0.88x;
+// C = 64 at 512 rows 0.77x).
 constexpr int64_t kRowsPerChunkRow = 8;
-constexpr int64_t kMinChunkRows = 384;
+constexpr int64_t kMinChunkBackwardRows = 384;
 // The tile kernels' backward of one factor is one pass, so merged chunks pay off there from more rows
 // (1024 columns, b = 8, forward and backward: at 512 rows 1.04x the tiles' time, at 768 rows 0.96x).
 constexpr int64_t kMinOneFactorBackwardRows = 768;
@@ -76,7 +78,7 @@ bool chunks_take(const Tensor& x, const Tensor& rotations, int64_t block_size, b
   // One factor of chunks as they are is the block kernels' own path.
   if (one_factor && c == block_size) return false;
   const int64_t rows = x.numel() / x.size(-1);
-  const int64_t min_rows = one_factor && backward ? kMinOneFactorBackwardRows : kMinChunkRows;
+  const int64_t min_rows = !backward ? 0 : (one_factor ? kMinOneFactorBackwardRows : kMinChunkBackwardRows);
   return block_kernel_takes(x, c) && rows >= std::max(kRowsPerChunkRow * c, min_rows);
 }
 

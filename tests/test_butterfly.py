@@ -121,11 +121,11 @@ def test_one_factor_of_wide_blocks_non_contiguous(b: int, device: str) -> None:
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
-# Factors with enough rows (8 per chunk column, at least 384; 768 for one factor's backward) that the CPU
+# Factors with enough rows (8 per chunk column; backward at least 384, 768 for one factor) that the CPU
 # multiplies by the dense chunks of C = b * 2^(m-1) columns where its block kernels take C, and by two or
 # more chunks together where C is narrower than their panels (16 float or 8 double columns, dividing N):
-# (b, m, N, leading dims of x). C = 64 is taken with AVX-512 only; (8, 3, 64) is one row short, and the
-# chunks of (8, 1, 24) cannot go together.
+# (b, m, N, leading dims of x). C = 64 is taken with AVX-512 only; (8, 3, 64), (8, 2, 64, (130,)) and
+# (8, 1, 64, (130,)) take the chunks forward only, and the chunks of (8, 1, 24) cannot go together.
 CHUNK_CASES = [
     (4, 2, 16, (400,)),
     (8, 2, 64, (390,)),
@@ -135,6 +135,8 @@ CHUNK_CASES = [
     (8, 4, 128, (515,)),
     (8, 3, 64, (383,)),
     (8, 1, 64, (390,)),
+    (8, 2, 64, (130,)),
+    (8, 1, 64, (130,)),
     (4, 1, 32, (770,)),
     (1, 1, 32, (2, 400)),
     (2, 2, 48, (3, 130)),
