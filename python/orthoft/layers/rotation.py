@@ -11,13 +11,16 @@ from .. import ops
 
 def packed_skew(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     """``(n, b*(b-1)/2)`` strict upper triangles -> ``(n, b, b)`` skew matrices ``Q - Q^T`` (OFT's layout)."""
-    b = block_size
+    b, k = block_size, packed.shape[1]
     rows, cols = torch.triu_indices(b, b, 1, device=packed.device)
-    # Each entry and its negative in one copy into the flat blocks, whose backward is one gather: about
-    # half the time of writing the upper triangle and subtracting its transpose.
-    flat = packed.new_zeros(packed.shape[0], b * b)
-    flat = flat.index_copy(1, torch.cat([rows * b + cols, cols * b + rows]), torch.cat([packed, -packed], 1))
-    return flat.view(-1, b, b)
+    # Each entry of the flat blocks gathered from [0, packed, -packed]: one index_select, whose backward
+    # is one index_add, in less time than writing the upper triangle and subtracting its transpose.
+    source = torch.zeros(b * b, dtype=torch.long, device=packed.device)
+    entries = torch.arange(1, k + 1, device=packed.device)
+    source[rows * b + cols] = entries
+    source[cols * b + rows] = entries + k
+    signed = torch.cat([packed.new_zeros(packed.shape[0], 1), packed, -packed], 1)
+    return signed.index_select(1, source).view(-1, b, b)
 
 
 def block_skew(blocks: torch.Tensor) -> torch.Tensor:
