@@ -17,7 +17,8 @@ from orthoft import reference
 
 from helpers import assert_close_rel, non_contiguous
 
-# (leading dims, chunks D, chunk size C, positions P)
+# (leading dims, chunks D, chunk size C, positions P). C of two or more vectors takes the gradient by
+# columns; 48 and 24 leave a group of fewer vectors than a tile's at one width or another.
 CASES = [
     ((3,), 8, 8, 49),
     ((2, 5), 3, 32, 196),
@@ -30,6 +31,8 @@ CASES = [
     ((3,), 16, 16, 33),
     ((2,), 1, 5, 2100),
     ((5,), 40, 4, 1),
+    ((3,), 2, 48, 37),
+    ((2,), 3, 24, 50),
 ]
 OP = torch.ops.orthoft.channel_blocks.default
 BACKWARD = torch.ops.orthoft.channel_blocks_backward.default
