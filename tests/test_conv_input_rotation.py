@@ -137,8 +137,9 @@ def test_trainable_weight_or_small_output_rotates_the_weight() -> None:
     layer(x).square().sum().backward()
     expected = torch.autograd.grad(weight_path(layer, x).square().sum(), layer.base_layer.weight)
     torch.testing.assert_close(layer.base_layer.weight.grad, expected[0])
-    # Three chunk products over the inputs would cost more than the weight gradient: 4 * 8 >= 32.
-    assert not OFTConv2d(8, 32, 1, block_size=8)._rotates_input(["default"])
+    # Below out = 4 * C the two chunk products over the inputs cost more than the weight gradient.
+    assert OFTConv2d(8, 32, 1, block_size=8)._rotates_input(["default"])
+    assert not OFTConv2d(8, 24, 1, block_size=8)._rotates_input(["default"])
     assert not OFTConv2d(8, 72, 3, block_size=8)._rotates_input(["default"])
 
 

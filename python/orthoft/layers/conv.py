@@ -113,17 +113,17 @@ class Conv2dLayer(OrthoftLayer):
         Only for a 1x1 kernel, one adapter and a frozen weight. Per pixel, the rotated input costs two
         products with the dense chunks of ``R`` in backward (``2 * C * in`` multiply-adds, by the
         ``channel_blocks`` operator), the rotated weight one weight-gradient product (``out * in / groups``).
-        In a training step the chunks' products run at about 0.4x the convolution's speed per
-        multiply-add (1x1 1024->256 at 14x14, batch 8: 1.2 ms for both with ``C = 32``, 1.9 ms for the
-        convolution's input gradient), hence ``4 * C``; at ``C = 64`` and ``out = 256`` the two paths
-        measured the same.
+        In a training step the chunks' products run at about half the convolution's speed per
+        multiply-add, hence ``4 * C``: at ``out = 4 * C`` the rotated input was as fast or faster (batch 8,
+        1024->256 at 14x14, ``C = 64``: 7.26 ms against 7.99; 1024->128, ``C = 32``: 4.43 against 4.52), at
+        ``out = 2 * C`` slower (256->64 at 56x56, ``C = 32``: 13.58 against 12.82).
         """
         base = self.base_layer
         if base.kernel_size != (1, 1) or len(adapter_names) != 1:
             return False
         if base.weight.requires_grad and torch.is_grad_enabled():
             return False
-        return 4 * self._rotation_chunk_size(adapter_names[0]) * base.groups < base.out_channels
+        return 4 * self._rotation_chunk_size(adapter_names[0]) * base.groups <= base.out_channels
 
     def _input_rotated_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if x.dim() == 3:  # an unbatched input, as nn.Conv2d takes it
