@@ -346,8 +346,7 @@ void run_backward(const BackwardArgs<scalar_t, acc>& a, int64_t begin, int64_t e
 // the block sizes block_kernel_takes, BLAS the others, (D, rows, b) @ (D, b, b) through torch's
 // dispatcher (butterfly.h).
 bool one_wide_factor(const Tensor& x, const Tensor& rotations, int64_t block_size) {
-  return rotations.size(0) == 1 && block_size >= 16 &&
-         (x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double);
+  return rotations.size(0) == 1 && block_size >= 16 && is_float_or_double(x);
 }
 
 Tensor to_acc_contiguous(const Tensor& t) {

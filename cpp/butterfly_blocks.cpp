@@ -183,21 +183,15 @@ bool block_kernel_takes(const Tensor& x, int64_t block_size) {
 
 Tensor block_product(const Tensor& x, const Tensor& w, int64_t block_size) {
   Tensor out = new_tensor(x, shape(x));
-  if (x.scalar_type() == ScalarType::Float) {
-    product_into<float>(x, w, block_size, out);
-  } else {
-    product_into<double>(x, w, block_size, out);
-  }
+  ORTHOFT_DISPATCH_FLOAT_DOUBLE(x.scalar_type(), "orthoft_block_product",
+                                [&] { product_into<scalar_t>(x, w, block_size, out); });
   return out;
 }
 
 Tensor block_gradient(const Tensor& x, const Tensor& grad, int64_t block_size) {
   Tensor out = new_tensor(x, {x.size(-1) / block_size, block_size, block_size});
-  if (x.scalar_type() == ScalarType::Float) {
-    gradient_into<float>(x, grad, block_size, out);
-  } else {
-    gradient_into<double>(x, grad, block_size, out);
-  }
+  ORTHOFT_DISPATCH_FLOAT_DOUBLE(x.scalar_type(), "orthoft_block_gradient",
+                                [&] { gradient_into<scalar_t>(x, grad, block_size, out); });
   return out;
 }
 

@@ -50,11 +50,8 @@ void fill_tiled_identity(Tensor& eye, int64_t c, int64_t n) {
 // every chunk.
 Tensor tiled_identity(const Tensor& rotations, int64_t c, int64_t n) {
   Tensor eye = new_tensor(rotations, {c, n});
-  if (eye.scalar_type() == ScalarType::Float) {
-    fill_tiled_identity<float>(eye, c, n);
-  } else {
-    fill_tiled_identity<double>(eye, c, n);
-  }
+  ORTHOFT_DISPATCH_FLOAT_DOUBLE(eye.scalar_type(), "orthoft_tiled_identity",
+                                [&] { fill_tiled_identity<scalar_t>(eye, c, n); });
   return eye;
 }
 

@@ -433,27 +433,20 @@ void backward_into(const Tensor& grad, const Tensor& x, const Tensor& blocks, Te
   });
 }
 
-bool kernels_take(const Tensor& x) {
-  return x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double;
-}
-
 // y (..., F, P) with each position's channels times blockdiag(blocks), transposed or not.
 Tensor product(const Tensor& y, const Tensor& blocks, bool transposed) {
   const Tensor in = torch::stable::contiguous(y);
   const Tensor w = torch::stable::contiguous(blocks);
   Tensor out = new_tensor(in, shape(in));
-  if (in.scalar_type() == ScalarType::Float) {
-    product_into<float>(in, w, transposed, out);
-  } else {
-    product_into<double>(in, w, transposed, out);
-  }
+  ORTHOFT_DISPATCH_FLOAT_DOUBLE(in.scalar_type(), "orthoft_channel_blocks_cpu",
+                                [&] { product_into<scalar_t>(in, w, transposed, out); });
   return out;
 }
 
 Tensor channel_blocks_cpu(const Tensor& x, const Tensor& blocks) {
   check_channel_blocks(x, blocks);
   STD_TORCH_CHECK(x.is_cpu(), "orthoft.ops.channel_blocks: the CPU kernel got x on another device");
-  if (!kernels_take(x)) return channel_blocks_by_matmul(x, blocks);
+  if (!is_float_or_double(x)) return channel_blocks_by_matmul(x, blocks);
   return product(x, blocks, true);
 }
 
@@ -468,7 +461,7 @@ std::tuple<Tensor, Tensor> channel_blocks_backward_cpu(const Tensor& grad, const
                                                        std::vector<bool> output_mask) {
   check_channel_blocks_backward(grad, x, blocks, output_mask);
   STD_TORCH_CHECK(x.is_cpu(), "orthoft.ops.channel_blocks_backward: the CPU kernel got x on another device");
-  if (!kernels_take(x)) return channel_blocks_backward_by_matmul(grad, x, blocks, output_mask);
+  if (!is_float_or_double(x)) return channel_blocks_backward_by_matmul(grad, x, blocks, output_mask);
   const bool need_x = output_mask[0];
   const Tensor no_grad_x = torch::stable::new_empty(x, {0});
   if (!output_mask[1]) {
@@ -481,11 +474,8 @@ std::tuple<Tensor, Tensor> channel_blocks_backward_cpu(const Tensor& grad, const
   const bool by_chunks = need_x && w.size(0) >= 2 * static_cast<int64_t>(torch::stable::get_num_threads());
   Tensor grad_x = by_chunks ? new_tensor(g, shape(g)) : (need_x ? product(g, w, false) : no_grad_x);
   Tensor grad_blocks = new_tensor(w, shape(w));
-  if (in.scalar_type() == ScalarType::Float) {
-    gradients_into<float>(g, in, w, by_chunks, grad_x, grad_blocks);
-  } else {
-    gradients_into<double>(g, in, w, by_chunks, grad_x, grad_blocks);
-  }
+  ORTHOFT_DISPATCH_FLOAT_DOUBLE(in.scalar_type(), "orthoft_channel_blocks_backward_cpu",
+                                [&] { gradients_into<scalar_t>(g, in, w, by_chunks, grad_x, grad_blocks); });
   return {grad_x, grad_blocks};
 }
 

@@ -46,6 +46,16 @@ inline ScalarType acc_dtype(ScalarType t) { return t == ScalarType::Double ? Sca
                       THO_DISPATCH_CASE(torch::headeronly::ScalarType::Half, __VA_ARGS__)      \
                       THO_DISPATCH_CASE(torch::headeronly::ScalarType::BFloat16, __VA_ARGS__))
 
+// The same for the two dtypes the CPU kernels compute in themselves (the others take a matmul path).
+#define ORTHOFT_DISPATCH_FLOAT_DOUBLE(TYPE, NAME, ...)                                         \
+  THO_DISPATCH_SWITCH(TYPE, NAME,                                                               \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::Float, __VA_ARGS__)     \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::Double, __VA_ARGS__))
+
+inline bool is_float_or_double(const Tensor& t) {
+  return t.scalar_type() == ScalarType::Float || t.scalar_type() == ScalarType::Double;
+}
+
 // PEFT's Cayley-Neumann series with k terms, R = sum_j c_j S^j for j = 0 .. top: k = 1 gives I,
 // k = 2 gives I + 2S, k >= 3 gives I + 2S + ... + 2S^(top-1) + S^top with top = max(k, 4) - 1 (PEFT
 // computes 3 terms as 4).
