@@ -172,6 +172,31 @@ def test_memory_counts_live_bytes_of_a_known_pattern() -> None:
     assert (memory.held_bytes, memory.peak_bytes) == (1 * MIB, 7 * MIB)
 
 
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_unfolded_input_competitor_computes_oft_conv2d(stride: int, padding: int, dilation: int) -> None:
+    from orthoft.layers import OFTConv2d
+    from suites.unfolded_input import UnfoldedInputOFTConv2d
+
+    torch.manual_seed(0)
+    base = nn.Conv2d(6, 5, 3, stride, padding, dilation, dtype=torch.float64)
+    layer = OFTConv2d.from_module(base, block_size=9)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    competitor = UnfoldedInputOFTConv2d(layer)
+    x = torch.randn(2, 6, 9, 8, dtype=torch.float64, requires_grad=True)
+    trained = [x] + [p for p in layer.parameters() if p.requires_grad]
+    expected = layer(x)
+    got = competitor(x)
+    dy = torch.randn_like(expected)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got, trained, dy)
+    expected_grads = torch.autograd.grad(expected, trained, dy)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
+
+
 def test_memory_of_a_frozen_linear_step_is_its_output_and_input_gradient() -> None:
     from memory import measure_memory
     from steps import module_step

@@ -8,6 +8,7 @@ from torch import nn
 
 from orthoft.layers import BOFTConv2d, BOFTLinear, OFTConv2d, OFTLinear
 from peft_support import peft_wrapped
+from suites.unfolded_input import UnfoldedInputOFTConv2d
 
 _ORTHOFT_CLASSES = {
     ("boft", nn.Linear): BOFTLinear,
@@ -31,6 +32,8 @@ def adapted_layer(base: nn.Module, spec: dict[str, Any]) -> nn.Module:
         return _ORTHOFT_CLASSES[kind, type(base)].from_module(base, **options)
     if kind == "oft":
         return _ORTHOFT_CLASSES[kind, type(base)].from_module(base, block_size=spec["block_size"])
+    if kind == "oft_unfolded_input":
+        return UnfoldedInputOFTConv2d(OFTConv2d.from_module(base, block_size=spec["block_size"]))
     if kind == "peft_boft":
         options = {"boft_block_size": spec["block_size"], "boft_n_butterfly_factor": spec["factors"]}
         return peft_wrapped(base, "boft", **options)

@@ -52,6 +52,10 @@ def boft_label(block_size: int, factors: int) -> str:
     return f"BOFTConv2d b={block_size} m={factors}"
 
 
+def unfolded_input_label(block_size: int) -> str:
+    return f"OFT b={block_size}, unfolded input rotated (one weight product in backward)"
+
+
 def peft_oft_label(block_size: int) -> str:
     return f"PEFT OFT b={block_size}"
 
@@ -71,6 +75,7 @@ def _competitors(settings: Settings) -> list[tuple[str, dict[str, Any], str | No
     out += [
         (boft_label(boft_b, m), {"kind": "boft", "block_size": boft_b, "factors": m}, None) for m in factors
     ]
+    out.append((unfolded_input_label(oft_b), {"kind": "oft_unfolded_input", "block_size": oft_b}, None))
     out.append((peft_oft_label(oft_b), {"kind": "peft_oft", "block_size": oft_b}, peft_skip))
     out += [
         (
@@ -91,6 +96,8 @@ def cases(settings: Settings) -> list[Case]:
         shape = shape_label(c_in, c_out, k, size, batch)
         for competitor, spec, skip in _competitors(settings):
             spec = {**spec, "in": c_in, "out": c_out, "kernel": k, "size": size, "batch": batch}
+            if spec["kind"] == "oft_unfolded_input" and k == 1:
+                skip = "a 1x1 kernel has nothing to unfold: OFTConv2d rotates the input channels there"
             out.append(Case("conv", shape, competitor, FROZEN, dtype, spec, skip))
     return out
 
