@@ -15,14 +15,17 @@ namespace orthoft {
 namespace {
 
 constexpr int64_t kPanelRows = 6;
-// The fewest rows a thread takes.
-constexpr int64_t kMinTaskRows = 96;
+// The fewest multiply-adds a thread takes. A floor of 96 rows instead kept 64 rows of 4096 columns in
+// 128-column blocks on one thread: 80 GMAC/s, against BLAS's 98 on two, and 140-175 now.
+constexpr int64_t kMinTaskWork = 1 << 21;
 // Rows a gradient task reads per pass over its block: two 96-row slices of a 32-column block stay in L1.
 constexpr int64_t kGradChunkRows = 96;
-// Wider blocks go to BLAS, which is faster there (butterfly_by_matmul); so do 64-column blocks without
-// AVX-512 (1568 x 1024, AVX2: the gradient 2.1 ms against 1.7 ms).
+// Wider blocks go to BLAS, which is faster there (butterfly_by_matmul). With AVX-512 the kernels beat it
+// up to 256 columns (2048 x 1024, float: 128 columns 239 against 92 GMAC/s forward, 154 against 74 for
+// the gradient; 256 columns 203 against 98 and 175 against 94) but not at 1024 (97 against 106). Without
+// AVX-512 64-column blocks take BLAS too (1568 x 1024, AVX2: the gradient 2.1 ms against 1.7 ms).
 constexpr int64_t kMaxKernelBlock = 32;
-constexpr int64_t kMaxAvx512KernelBlock = 64;
+constexpr int64_t kMaxAvx512KernelBlock = 256;
 
 template <typename T, int64_t Bytes>
 constexpr int64_t kPanelColumns = 2 * kSimdWidth<T, Bytes>;
@@ -151,7 +154,9 @@ void product_into(const Tensor& x, const Tensor& w, int64_t block_size, Tensor& 
                           x.size(-1), block_size};
   // Each thread takes one run of panels, all of about the same length.
   const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
-  torch::stable::parallel_for(0, panels, kMinTaskRows / kPanelRows, [&](int64_t begin, int64_t end) {
+  const int64_t panel_work = std::max<int64_t>(1, kPanelRows * x.size(-1) * block_size);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / panel_work);
+  torch::stable::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     run_items(args, begin, end, [](const auto& a, int64_t b, int64_t e, auto bytes) ORTHOFT_INLINE_LAMBDA {
       product_items<T, decltype(bytes)::value>(a, b, e);
     });

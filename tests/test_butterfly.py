@@ -87,15 +87,19 @@ def _assert_matches_float64(
             assert g.shape == (0,) and g.dtype == dtype
 
 
-# One factor of blocks of 16 or more columns: (b, N, leading dims of x). Blocks up to 32 columns that
-# fill whole register panels run through the CPU's block kernel (row counts that leave partial panels
-# and tasks), the others through BLAS.
+# One factor of blocks of 16 or more columns: (b, N, leading dims of x). Blocks up to 32 columns (256 with
+# AVX-512) that fill whole register panels run through the CPU's block kernel (row counts that leave
+# partial panels and tasks), the others through BLAS.
 WIDE_BLOCK_CASES = [
     (16, 64, (101,)),
     (24, 96, (3, 35)),
     (32, 128, (197,)),
     (48, 96, (7,)),
     (64, 128, (13,)),
+    (96, 192, (45,)),
+    (128, 512, (67,)),
+    (256, 512, (9,)),
+    (512, 1024, (5,)),
 ]
 
 
@@ -124,9 +128,10 @@ def test_one_factor_of_wide_blocks_non_contiguous(b: int, device: str) -> None:
 # Factors with enough rows (8 per chunk column; backward at least 384, 768 for one factor) that the CPU
 # multiplies by the dense chunks of C = b * 2^(m-1) columns where its block kernels take C, and by two or
 # more chunks together where C is narrower than their panels (16 float or 8 double columns, dividing N):
-# (b, m, N, leading dims of x). C = 64 is taken with AVX-512 only; (8, 3, 64), (8, 2, 64, (130,)) and
-# (8, 1, 64, (130,)) take the chunks forward only, and the chunks of (8, 1, 24) cannot go together.
+# (b, m, N, leading dims of x). C = 64 and 128 are taken with AVX-512 only; (8, 3, 64), (8, 2, 64, (130,))
+# and (8, 1, 64, (130,)) take the chunks forward only, and the chunks of (8, 1, 24) cannot go together.
 CHUNK_CASES = [
+    (16, 4, 256, (1030,)),
     (4, 2, 16, (400,)),
     (8, 2, 64, (390,)),
     (2, 4, 96, (3, 130)),
