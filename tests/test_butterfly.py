@@ -89,8 +89,11 @@ def _assert_matches_float64(
 
 # One factor of blocks of 16 or more columns: (b, N, leading dims of x). Blocks up to 32 columns (256 with
 # AVX-512) that fill whole register panels run through the CPU's block kernel (row counts that leave
-# partial panels and tasks), the others through BLAS.
+# partial panels and tasks, and single blocks whose gradient splits its rows between threads), the others
+# through BLAS.
 WIDE_BLOCK_CASES = [
+    (32, 32, (301,)),
+    (128, 128, (3, 100)),
     (16, 64, (101,)),
     (24, 96, (3, 35)),
     (32, 128, (197,)),
