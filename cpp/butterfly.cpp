@@ -440,14 +440,7 @@ std::tuple<Tensor, Tensor> tile_backward(const Tensor& grad, const Tensor& x, co
                                            parts};
     torch::stable::parallel_for(0, parts * p.chunks, 1,
                                 [&](int64_t begin, int64_t end) { run_backward(args, begin, end); });
-    if (need_rot) {
-      scalar_t* out = grad_rot.mutable_data_ptr<scalar_t>();
-      for (int64_t e = 0; e < rot_numel; ++e) {
-        acc total = 0;
-        for (int64_t part = 0; part < parts; ++part) total += partial[part * rot_numel + e];
-        out[e] = static_cast<scalar_t>(total);
-      }
-    }
+    if (need_rot) add_parts(partial.data(), parts, rot_numel, grad_rot.mutable_data_ptr<scalar_t>());
   });
   return {grad_x, grad_rot};
 }

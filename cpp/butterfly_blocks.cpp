@@ -190,13 +190,7 @@ void gradient_into(const Tensor& x, const Tensor& grad, int64_t block_size, Tens
       gradient_items<T, decltype(bytes)::value>(a, parts, b, e);
     });
   });
-  if (parts == 1) return;
-  T* result = out.mutable_data_ptr<T>();
-  for (int64_t e = 0; e < out.numel(); ++e) {
-    T total = 0;
-    for (int64_t part = 0; part < parts; ++part) total += partial[part * out.numel() + e];
-    result[e] = total;
-  }
+  if (parts > 1) add_parts(partial.data(), parts, out.numel(), out.mutable_data_ptr<T>());
 }
 
 }  // namespace

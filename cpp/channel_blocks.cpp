@@ -408,13 +408,7 @@ void gradient_into(const Tensor& x, const Tensor& grad, int64_t c, Tensor& out) 
       });
     }
   });
-  if (parts == 1) return;
-  T* data = out.mutable_data_ptr<T>();
-  for (int64_t e = 0; e < numel; ++e) {
-    T total = 0;
-    for (int64_t part = 0; part < parts; ++part) total += partial[part * numel + e];
-    data[e] = total;
-  }
+  if (parts > 1) add_parts(partial.data(), parts, numel, out.mutable_data_ptr<T>());
 }
 
 // Both gradients, chunk by chunk.

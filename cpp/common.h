@@ -83,6 +83,17 @@ inline std::vector<int64_t> shape(const Tensor& t) {
   return std::vector<int64_t>(sizes.begin(), sizes.end());
 }
 
+// out[e] = the sum over parts of partial[part * numel + e], added in part order, so that a gradient split
+// into parts between threads does not depend on how they were scheduled.
+template <typename Acc, typename T>
+void add_parts(const Acc* partial, int64_t parts, int64_t numel, T* out) {
+  for (int64_t e = 0; e < numel; ++e) {
+    Acc total = 0;
+    for (int64_t part = 0; part < parts; ++part) total += partial[part * numel + e];
+    out[e] = static_cast<T>(total);
+  }
+}
+
 // A result computed in the accumulation type, as a contiguous tensor of input's dtype and shape.
 inline Tensor result_like(const Tensor& result, const Tensor& input) {
   return torch::stable::contiguous(
