@@ -11,8 +11,13 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from packaging.version import Version
 from peft.tuners.boft import layer as peft_boft
 from torch import nn
+
+# PEFT 0.22 made its OFT Conv2d rotate the weight and call the base conv, as orthoft's does; before, it
+# unfolded and folded the input, which sums overlapping patches and differs from the base conv at init.
+PEFT_OFT_CONV_EXACT = Version(peft.__version__) >= Version("0.22")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The layers against PEFT's OFT and BOFT layers, given the same base layer and adapter tensors.
 
-PEFT's OFT Conv2d is not compared: it unfolds and folds the input, so it differs from its base conv
-even at init (tests/test_layers_conv.py checks orthoft's against the base and hand-built convs).
+PEFT's OFT Conv2d is compared from PEFT 0.22 on, which rotates the weight as orthoft does; before, it
+unfolded and folded the input, so it differed from its base conv even at init (tests/test_layers_conv.py
+checks orthoft's against the base and hand-built convs whatever PEFT is installed).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from peft.tuners.oft import layer as peft_oft
 from torch import nn
 
 from orthoft import reference
-from orthoft.layers import BOFTConv2d, BOFTLinear, OFTLinear, OrthoftLayer
+from orthoft.layers import BOFTConv2d, BOFTLinear, OFTConv2d, OFTLinear, OrthoftLayer
+
+from peft_interop import PEFT_OFT_CONV_EXACT
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Failed to load the CUDA extension", "ignore:Setting boft_n_butterfly_factor to 1"
@@ -93,6 +96,38 @@ def test_oft_linear_matches_peft(options: dict[str, object]) -> None:
     # With COFT both have projected their parameter in place.
     torch.testing.assert_close(layer.oft_R["default"].weight, peft_layer.oft_R["default"].weight)
 
+    peft_layer.merge()
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight, peft_layer.base_layer.weight)
+
+
+@pytest.mark.skipif(not PEFT_OFT_CONV_EXACT, reason="PEFT's OFT Conv2d is exact from 0.22 on")
+@pytest.mark.parametrize(
+    ("conv_args", "options"),
+    [
+        ({"kernel_size": 3, "padding": 1}, {"oft_block_size": 12}),
+        ({"kernel_size": (3, 2), "stride": 2, "dilation": (1, 2)}, {"oft_block_size": 6}),
+        ({"kernel_size": 1, "bias": False}, {"oft_block_size": 4, "use_cayley_neumann": False}),
+        ({"kernel_size": 3, "padding": 2, "padding_mode": "reflect"}, {"r": 4, "oft_block_size": 0}),
+    ],
+)
+def test_oft_conv2d_matches_peft(conv_args: dict[str, object], options: dict[str, object]) -> None:
+    torch.manual_seed(5)
+    base = nn.Conv2d(4, 6, dtype=torch.float64, **conv_args)  # type: ignore[arg-type]
+    config = OFTConfig(init_weights=False, **options)
+    peft_layer = peft_oft.Conv2d(copy.deepcopy(base), "default", config=config, r=config.r)
+    with torch.no_grad():
+        peft_layer.oft_R["default"].weight.normal_(0.0, 0.3)
+    layer = OFTConv2d.from_module(
+        base,
+        r=config.r,
+        block_size=config.oft_block_size,
+        use_cayley_neumann=config.use_cayley_neumann,
+        num_cayley_neumann_terms=config.num_cayley_neumann_terms,
+    )
+    load_peft_adapter(layer, peft_layer)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), peft_layer(x))
     peft_layer.merge()
     layer.merge()
     torch.testing.assert_close(layer.base_layer.weight, peft_layer.base_layer.weight)
