@@ -31,6 +31,15 @@ def peft_version() -> str | None:
         return None
 
 
+def peft_oft_conv_is_exact(version: str | None = None) -> bool:
+    """Whether PEFT's OFT Conv2d (of ``version``, default the installed one) rotates the weight and calls
+    the base conv, exact as orthoft's is: from PEFT 0.22 on. Before, it unfolded and folded the input."""
+    from packaging.version import Version
+
+    version = version or peft_version()
+    return version is not None and Version(version) >= Version("0.22")
+
+
 @functools.cache
 def fast_block_diag() -> tuple[ModuleType | None, str]:
     """PEFT's prebuilt ``fbd_cuda`` module, or ``None`` and why it is not used."""

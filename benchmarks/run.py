@@ -2,11 +2,13 @@
 
     python benchmarks/run.py                       # every suite, default sizes, cuda if available
     python benchmarks/run.py --quick --device cpu  # a small subset, a few minutes on two cores
-    python benchmarks/run.py --device cpu --twice --write-readme   # the recorded CPU run
+    python benchmarks/run.py --device cpu --twice --record   # the recorded CPU run, quoted by the README
     python benchmarks/run.py --suites layer --features 1024,4096 --tokens 2048,16384
 
 Prints a markdown table per suite and the targets, and writes ``<stem>.md``, ``<stem>.json`` and
-``<stem>.png`` into ``--out``, the stem naming the device, the dtypes and the date.
+``<stem>.png`` into ``--out`` (default ``benchmarks/runs/``, which git ignores), the stem naming the
+device, the dtypes and the date. Only ``--record`` writes into ``benchmarks/results/``, the tracked
+folder, and a recorded full CPU run also writes the README's summary.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from outcomes import Result
 from suites import SUITES
 from timing import TimingPolicy, default_policy, measure_interleaved
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent / "runs"
+RECORDED = summarize.RESULTS
 CPU_THREADS = 2  # fixed, so that runs on different machines and days compare
 
 
@@ -80,13 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run everything twice and report how far the two runs' ratios differ",
     )
-    parser.add_argument(
-        "--write-readme",
-        action="store_true",
-        help="write the README's benchmark summary from this run's results",
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}, git-ignored)"
     )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})"
+    where.add_argument(
+        "--record",
+        action="store_true",
+        help=f"write into {RECORDED} (tracked) and, for a full CPU run, the README's benchmark summary",
     )
     return parser
 
@@ -158,7 +162,8 @@ def _run(cases: list[Case], settings: Settings, policy: TimingPolicy) -> Run:
             bar.set_postfix_str(f"{group[0].suite}: {group[0].shape}")
             results += _measure_group(group, settings.device, policy)
     device_type = settings.device.type
-    return Run(describe(settings.device, started), started, results, targets.check(results, device_type))
+    target_lines = targets.check(results, device_type, settings.size)
+    return Run(describe(settings.device, started), started, results, target_lines)
 
 
 def _write(
@@ -194,16 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = sorted({c.dtype for c in cases})
     policy = default_policy(settings.device, settings.size, args.rounds)
 
+    out = RECORDED if args.record else args.out
     first = _run(cases, settings, policy)
-    path = _write(first, suites, args.out, dtypes, [])
+    path = _write(first, suites, out, dtypes, [])
     if args.twice:
         second = _run(cases, settings, policy)
         a, b = ([r.as_dict() for r in run.results] for run in (first, second))
         lines = agreement.summary_lines(a, b, path.name)
         worst = {kind: value for kind, (value, _, _) in agreement.worst(a, b).items()}
         extra = ["## Agreement with the first run", "", *lines, ""]
-        path = _write(second, suites, args.out, dtypes, extra, agreement={"first": path.name, **worst})
-    if args.write_readme:
+        path = _write(second, suites, out, dtypes, extra, agreement={"first": path.name, **worst})
+    if args.record and settings.device.type == "cpu" and settings.size == "full":
         summarize.write_readme(path)
         print(f"wrote the benchmark summary of {summarize.README} from {path.name}")
     return 0

@@ -1,8 +1,8 @@
 """The README's benchmark summary, generated from a results file so that it quotes it exactly.
 
-    python benchmarks/summarize.py                  # print the summary of the newest CPU results
-    python benchmarks/summarize.py --write-readme   # and put it into README.md between its markers
-    python benchmarks/summarize.py --check          # exit 1 if README.md does not say exactly that
+    python benchmarks/summarize.py                  # print the summary of the results the README quotes
+    python benchmarks/summarize.py --write-readme   # put the newest recorded CPU results' into README.md
+    python benchmarks/summarize.py --check          # exit 1 if README.md does not quote its file exactly
 
 Ratios are computed from the file's best round medians, as its tables are, and printed with the
 tables' two decimals.
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peft_support import peft_oft_conv_is_exact
 from suites import block_diag, butterfly, cayley, conv, layer, model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,12 +152,19 @@ def _conv(res: Results) -> str | None:
     competitors = {r["competitor"] for r in res.rows if r["suite"] == "conv"}
     ours = [c for c in competitors if c.startswith(("OFTConv2d", "BOFTConv2d"))]
     ratios = [value for c in ours for value in res.time_ratios("conv", c, conv.FROZEN)]
-    peft = res.time_ratios("conv", conv.peft_oft_label(32), conv.FROZEN)
+    peft_oft = [c for c in competitors if c.startswith(f"{conv.PEFT_OFT} b=32")]
+    peft = [value for c in peft_oft for value in res.time_ratios("conv", c, conv.FROZEN)]
     if not ratios or not peft:
         return None
+    if peft_oft_conv_is_exact(res.env["peft"]):
+        return (
+            f"`OFTConv2d`/`BOFTConv2d` on ResNet-50 shapes cost {span(ratios)} the frozen conv; PEFT "
+            f"{res.env['peft']}'s OFT Conv2d, exact since 0.22, costs {span(peft)}."
+        )
     return (
-        f"`OFTConv2d`/`BOFTConv2d` on ResNet-50 shapes cost {span(ratios)} the frozen conv, where PEFT's OFT "
-        f"Conv2d costs up to {x(max(peft))} (and is not exact)."
+        f"`OFTConv2d`/`BOFTConv2d` on ResNet-50 shapes cost {span(ratios)} the frozen conv, where PEFT "
+        f"{res.env['peft']}'s OFT Conv2d costs up to {x(max(peft))} (and is not exact: PEFT before 0.22 "
+        "unfolds the input)."
     )
 
 
@@ -177,10 +186,24 @@ def newest_results(folder: Path = RESULTS, device: str = "cpu") -> Path:
     return max(files, key=lambda f: f[0]["date"])[1]
 
 
-def replace_block(text: str, block: str) -> str:
-    """``text`` with what lies between the markers replaced by ``block``."""
+def quoted_results(readme: Path = README) -> Path:
+    """The results file that the README's summary names."""
+    found = re.search(r"`benchmarks/results/([^`*/]+)\.\*`", block_of(readme.read_text()))
+    if found is None:
+        raise ValueError(f"{readme.name}'s benchmark summary names no `benchmarks/results/<stem>.*` file")
+    return RESULTS / f"{found.group(1)}.json"
+
+
+def block_of(text: str) -> str:
+    """What lies between the markers."""
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise ValueError(f"expected one pair of markers in the README:\n{BEGIN}\n...\n{END}")
+    return text.split(BEGIN)[1].split(END)[0]
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with what lies between the markers replaced by ``block``."""
+    block_of(text)
     head, rest = text.split(BEGIN)
     _, tail = rest.split(END)
     return f"{head}{BEGIN}\n{block}\n{END}{tail}"
@@ -199,15 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("results", nargs="?", type=Path, help="a results .json (default: the newest CPU one)")
+    parser.add_argument(
+        "results",
+        nargs="?",
+        type=Path,
+        help="a results .json (default: --write-readme the newest recorded CPU one, else the one quoted)",
+    )
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write-readme", action="store_true", help=f"write the summary into {README.name}")
     action.add_argument("--check", action="store_true", help=f"exit 1 if {README.name} differs")
     args = parser.parse_args(argv)
-    results = args.results or newest_results()
     if args.write_readme:
-        write_readme(results)
-    elif args.check:
+        write_readme(args.results or newest_results())
+        return 0
+    results = args.results or quoted_results()
+    if args.check:
         if README.read_text() != readme_with_summary(results):
             print(
                 f"{README.name}'s benchmark summary differs from {results.name}: run {Path(__file__).name} "

@@ -9,7 +9,6 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +89,8 @@ def test_smoke_run_writes_table_plot_and_targets(
     data = json.loads(_only(out, ".json").read_text())
     assert len(rows) == len(data["results"]) + len(SUITES)  # one header per suite
     assert table in proc.stdout
-    # The smoke shapes are none of the targets' shapes.
-    assert data["targets"] and all(line.startswith("NOT MEASURED") for line in data["targets"])
+    # The smoke run checks the harness: its shapes are too small for any target.
+    assert data["targets"] == []
     png = _only(out, ".png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
@@ -257,16 +256,18 @@ def test_targets_check_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
     from timing import Timing
 
     where = targets.Where("cpu", "float32", "layer", "s")
-    monkeypatch.setattr(
-        targets,
-        "TARGETS",
-        [
-            targets.Target(where, "ours", "frozen", 1.4, at_most=True),
-            targets.Target(where, "ours", "peft", 1.0, at_most=True, metric="memory"),
-            targets.Target(where, "ours", "missing", 1.0, at_most=True),
-            targets.Target(replace(where, device="cuda"), "ours", "frozen", 1.0, at_most=True),
-        ],
-    )
+    listed = [
+        targets.Target(where, "ours", "frozen", 1.4, at_most=True),
+        targets.Target(where, "ours", "peft", 1.0, at_most=True, metric="memory"),
+        targets.Target(where, "ours", "missing", 1.0, at_most=True),
+    ]
+    asked: list[tuple[str, str]] = []
+
+    def targets_for(device: str, size: str) -> list[Any]:
+        asked.append((device, size))
+        return listed
+
+    monkeypatch.setattr(targets, "targets_for", targets_for)
 
     def result(name: str, rounds: list[float], peak: int) -> Result:
         return Result(_case(name), Timing([[t] for t in rounds], 1), Memory(held_bytes=1, peak_bytes=peak))
@@ -277,26 +278,38 @@ def test_targets_check_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
         result("peft", [5.0, 5.0, 5.0], 11),
         Result(_case("missing"), note="skipped: not here"),
     ]
-    assert targets.check(results, "cpu") == [
+    measured = [
         "PASS  ours within 1.4x of frozen: 1.30x (rounds 1.30-1.35x) (float32, s)",
         "MISS  ours peak memory no larger than peft's: 1.09x, 9% over (float32, s)",
+    ]
+    # The full run lists every target; a quick run only those it measured.
+    assert targets.check(results, "cpu", "full") == [
+        *measured,
         "NOT MEASURED  ours no slower than missing: missing skipped: not here (float32, s)",
     ]
+    assert targets.check(results, "cuda", "quick") == measured
+    assert asked == [("cpu", "full"), ("cuda", "quick")]
 
 
-def test_every_target_names_cases_that_the_full_run_has() -> None:
+@pytest.mark.parametrize("size", ["quick", "full"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_target_names_cases_that_its_run_has(device: str, size: Any) -> None:
     import targets
     from cases import Settings
     from suites import SUITES as BY_NAME
 
-    for device in ("cpu", "cuda"):
-        settings = Settings(torch.device(device), "full", None)
-        every = [c for suite in BY_NAME.values() for c in suite.cases(settings)]
-        cases = {(c.suite, c.shape, c.dtype, c.competitor) for c in every}
-        for t in targets.TARGETS:
-            if t.where.device == device:
-                for name in (t.orthoft_case, t.other):
-                    assert (t.where.suite, t.where.shape, t.where.dtype, name) in cases, (t, name)
+    settings = Settings(torch.device(device), size, None)
+    every = [c for suite in BY_NAME.values() for c in suite.cases(settings)]
+    cases = {(c.suite, c.shape, c.dtype, c.competitor) for c in every}
+    listed = targets.targets_for(device, size)
+    assert listed
+    for t in listed:
+        assert t.where.device == device
+        for name in (t.orthoft_case, t.other):
+            assert (t.where.suite, t.where.shape, t.where.dtype, name) in cases, (t, name)
+    # Every run but the smoke run judges the whole-model step.
+    assert any(t.where.suite == "model" for t in listed)
+    assert targets.targets_for(device, "smoke") == []
 
 
 # Agreement of two runs and the README summary
@@ -357,7 +370,20 @@ def test_summary_quotes_the_results_file() -> None:
         summarize.replace_block("no markers", "new")
 
 
-def test_readme_summary_is_generated_from_the_newest_cpu_results() -> None:
+def test_readme_summary_quotes_the_results_file_it_names() -> None:
     import summarize
 
+    quoted = summarize.quoted_results()
+    assert quoted.parent == summarize.RESULTS and quoted.is_file()
     assert summarize.main(["--check"]) == 0
+
+
+def test_only_record_writes_into_the_tracked_results() -> None:
+    import run
+    import summarize
+
+    parser = run._parser()
+    assert parser.parse_args([]).out == run.DEFAULT_OUT != summarize.RESULTS
+    assert parser.parse_args(["--record"]).record and run.RECORDED == summarize.RESULTS
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--record", "--out", "elsewhere"])

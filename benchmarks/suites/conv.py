@@ -1,5 +1,10 @@
 """Training step of one Conv2d layer on ResNet-50 shapes: orthoft's OFT/BOFT, PEFT's, the frozen conv
-and the conv with a trained weight."""
+and the conv with a trained weight.
+
+PEFT's OFT Conv2d changed in PEFT 0.22: it rotates the weight and calls the base conv, exact as orthoft's.
+Before, it unfolded and folded the input, which sums overlapping patches and is not exact. Its label says
+which of the two a run measured.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from torch import nn
 
 from cases import Case, Settings, Step, Suite
-from peft_support import PEFT_MISSING, peft_boft_skip, peft_version
+from peft_support import PEFT_MISSING, peft_boft_skip, peft_oft_conv_is_exact, peft_version
 from steps import module_step
 from suites.adapters import adapted_layer
 
@@ -56,8 +61,16 @@ def unfolded_input_label(block_size: int) -> str:
     return f"OFT b={block_size}, unfolded input rotated (one weight product in backward)"
 
 
+PEFT_OFT = "PEFT OFT"
+
+
 def peft_oft_label(block_size: int) -> str:
-    return f"PEFT OFT b={block_size}"
+    how = (
+        "rotated weight, PEFT >= 0.22"
+        if peft_oft_conv_is_exact()
+        else "unfolded input, PEFT < 0.22: not exact"
+    )
+    return f"{PEFT_OFT} b={block_size} ({how})"
 
 
 def peft_boft_label(block_size: int, factors: int) -> str:
