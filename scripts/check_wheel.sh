@@ -31,7 +31,7 @@ echo "== building a wheel with $python"
 # A copy, so that the build neither uses nor touches this tree's build/ folder and environments.
 mkdir "$work/src"
 tar -C "$root" --exclude-vcs --exclude=./build --exclude=./_skbuild --exclude=./dist --exclude=./wheelhouse \
-  --exclude=./.venv --exclude=./venv --exclude=./.ci-venv --exclude=__pycache__ --exclude='*.egg-info' \
+  --exclude=./.venv --exclude=./.venv-releases --exclude=./benchmarks/runs --exclude=./venv --exclude=./.ci-venv --exclude=__pycache__ --exclude='*.egg-info' \
   --exclude=.pytest_cache --exclude=.ruff_cache --exclude='*.so' --exclude='*.o' --exclude='*.whl' \
   -cf - . | tar -C "$work/src" -xf -
 "$python" -m pip wheel --no-build-isolation --no-deps --wheel-dir "$work/dist" "$work/src"
@@ -86,7 +86,7 @@ phase contents
 
 echo "== abi3audit, and the symbols _C.abi3.so takes from torch"
 "$python" -m venv "$work/tools"
-"$work/tools/bin/python" -m pip install -q abi3audit auditwheel
+"$work/tools/bin/python" -m pip install -q -c "$root/requirements/lock.txt" -r "$root/requirements/ci-tools.in"
 "$work/tools/bin/abi3audit" --strict --report "$wheel"
 mkdir "$work/unpacked"
 "$python" -m zipfile -e "$wheel" "$work/unpacked"

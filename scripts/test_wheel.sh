@@ -22,7 +22,7 @@ start=$SECONDS
 "$python" -m venv "$work/venv"
 venv_python=$work/venv/bin/python
 "$venv_python" -m pip install "${pip_args[@]}" "$torch_spec"
-"$venv_python" -m pip install "${pip_args[@]}" "$wheel[test,bench]"
+"$venv_python" -m pip install "${pip_args[@]}" -c "$root/requirements/lock.txt" "$wheel[test,bench]"
 echo "== $("$venv_python" -c 'import platform, torch; print("Python", platform.python_version(), "torch", torch.__version__)'): installed in $((SECONDS - start)) s"
 
 # The tests, and the benchmark scripts, example and README some of them use, without the package sources.
