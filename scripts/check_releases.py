@@ -137,11 +137,12 @@ def failures(tests: list[str], pytest_args: list[str]) -> set[str]:
 
 
 def node_ids(test_ids: set[str]) -> list[str]:
-    """pytest node ids from junit names (``tests.test_x::test_y[p]``)."""
+    """pytest node ids from junit names: ``tests.test_x::test_y[p]``, or ``::tests.test_x`` for a file
+    that failed to be collected."""
     out = []
     for test_id in sorted(test_ids):
         module, _, name = test_id.partition("::")
-        out.append(f"{module.replace('.', '/')}.py::{name}")
+        out.append(f"{name.replace('.', '/')}.py" if not module else f"{module.replace('.', '/')}.py::{name}")
     return out
 
 
