@@ -24,7 +24,14 @@ from safetensors.torch import load_file
 
 from .config import OrthoftConfig
 
-__all__ = ["LOADABLE_FLOAT_DTYPES", "check_loaded_tensors", "config_from_file", "read_config", "read_tensors"]
+__all__ = [
+    "LOADABLE_FLOAT_DTYPES",
+    "check_loaded_tensors",
+    "config_from_file",
+    "naming_file",
+    "read_config",
+    "read_tensors",
+]
 
 LOADABLE_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -45,12 +52,17 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def naming_file(error: Exception, path: Path) -> Exception:
+    """A ``ValueError`` or ``TypeError`` with ``path`` before its message; other errors as they are."""
+    return type(error)(f"{path}: {error}") if type(error) in (ValueError, TypeError) else error
+
+
 def config_from_file(data: Mapping[str, Any], path: Path) -> OrthoftConfig:
     """``OrthoftConfig.from_dict(data)``, its errors (which name the field) prefixed with ``path``."""
     try:
         return OrthoftConfig.from_dict(data)
     except (ValueError, TypeError) as error:
-        raise type(error)(f"{path}: {error}") from None
+        raise naming_file(error, path) from None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter_checks import check_loaded_tensors, config_from_file, read_config, read_tensors
+from .adapter_checks import check_loaded_tensors, config_from_file, naming_file, read_config, read_tensors
 from .config import OrthoftConfig
 from .layers.base import check_tensors_fit
+from .tuner import _check_adapter_name as check_new_adapter_name
 from .tuner import (
     adapter_configs,
     delete_adapter,
@@ -175,13 +177,21 @@ def save_adapter(
         return
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    # Both files are written whole under another name and renamed into place (safetensors does so for
-    # the weights), so a save cut short (a full disk) leaves the previous adapter as it was.
-    save_file(saved, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    text = json.dumps(_peft_config_dict(model, config, task_type), indent=2, sort_keys=True)
-    partial = directory / f".{CONFIG_NAME}.partial"
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, directory / CONFIG_NAME)
+    # Both files are written whole under other names, then renamed into place: a save cut short (a full
+    # disk) leaves the previous adapter as it was, both files of it.
+    partial = {name: directory / f".{name}.partial" for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    try:
+        save_file(saved, partial[WEIGHTS_NAME], metadata={"format": "pt"})
+        text = json.dumps(_peft_config_dict(model, config, task_type), indent=2, sort_keys=True)
+        partial[CONFIG_NAME].write_text(text, encoding="utf-8")
+    except BaseException as error:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+        if isinstance(error, SafetensorError):  # a full disk, as any other failed write: an OSError
+            raise OSError(f"{directory / WEIGHTS_NAME} could not be written: {error}") from error
+        raise
+    for name, path in partial.items():
+        os.replace(path, directory / name)
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -258,12 +268,16 @@ def load_adapter(
     NaN and Inf values anyway, to inspect a diverged adapter.
     """
     directory = Path(path)
+    check_new_adapter_name(model, adapter_name)  # not the files' fault: said before reading them
     data = read_config(directory / CONFIG_NAME)
     config = config_from_file(data, directory / CONFIG_NAME)
     tensors, peft_layout = _read_tensors(directory)
     if peft_layout:
         _warn_on_old_neumann_series(data, directory)
-    get_orthoft_model(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    try:
+        get_orthoft_model(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    except (ValueError, TypeError) as error:  # the config does not fit the model
+        raise naming_file(error, directory / CONFIG_NAME) from None
     try:
         _copy_into(model, tensors, adapter_name, directory / WEIGHTS_NAME, allow_non_finite)
     except BaseException:
