@@ -305,3 +305,13 @@ def test_trainer_callback_logs_the_worst_layer_at_each_logging_step(tmp_path: Pa
     assert callback.worst_layer == f"{final.layer} ({final.adapter})"
     # Callbacks after it (as the reporting integrations are) receive the values.
     assert [log["orthogonality_error"] for log in recorder.logs if "loss" in log] == errors
+
+
+def test_compiled_training_forwards_skip_the_check_without_a_graph_break() -> None:
+    layer = oft_linear(0.4, dtype=torch.float32)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OrthogonalityWarning)
+        compiled(x).sum().backward()
+    torch.testing.assert_close(compiled(x), layer(x))
