@@ -207,6 +207,17 @@ def test_usual_regexes_are_accepted(pattern: str) -> None:
     check_bounded_regex("OFTConfig", "target_modules", pattern)
 
 
+@pytest.mark.parametrize(
+    ("pattern", "match"),
+    [("(?<=a+)b", "look-behind requires fixed-width pattern"), ("[", "unterminated character set")],
+)
+def test_invalid_regexes_are_errors_naming_the_field(pattern: str, match: str) -> None:
+    with pytest.raises(
+        ValueError, match=rf"OFTConfig: `exclude_modules` .* is not a valid regular expression: {match}"
+    ):
+        OFTConfig(target_modules=["q_proj"], exclude_modules=pattern)
+
+
 def test_layers_pattern_entries_are_checked_in_the_regex_they_are_matched_in() -> None:
     config = OFTConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=["layers", "h"])
     assert config.layers_pattern == ["layers", "h"]

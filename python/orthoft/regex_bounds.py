@@ -12,8 +12,9 @@ instead. What is rejected is what makes backtracking blow up:
   work by the path's length;
 - more than ``MAX_CHOICES`` combinations of alternatives and optional parts, which multiply it too.
 
-What remains matches a path of ``n`` characters in at most about ``MAX_CHOICES * n**MAX_VARIABLE_REPEATS``
-steps (milliseconds for module paths). The usual patterns (``.*\\.(q_proj|v_proj)``,
+What remains matches a path of ``n`` characters in roughly at most ``MAX_CHOICES * n**MAX_VARIABLE_REPEATS``
+steps (milliseconds for module paths). The rules are conservative: some harmless patterns (``(\\.\\w+)*``)
+are rejected too, with the reason. The usual patterns (``.*\\.(q_proj|v_proj)``,
 ``model\\.layers\\.\\d+\\.self_attn\\.\\w+_proj``) pass.
 """
 
@@ -111,6 +112,7 @@ def check_bounded_regex(owner: str, field: str, pattern: str, variable_repeats_u
     named = f"{owner}: `{field}` {pattern!r}"
     try:
         parsed = _sre_parse.parse(pattern)
+        re.compile(pattern)  # what only compiling finds (a look-behind of variable width)
     except (re.error, RecursionError, OverflowError) as error:
         raise ValueError(f"{named} is not a valid regular expression: {error}.") from None
     cost = _Cost(variable_repeats=variable_repeats_used)
