@@ -40,6 +40,8 @@ from orthoft.adapter_io import CONFIG_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME, adapt
 
 from tiny_models import tiny_llama
 
+pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="the time limit needs setitimer")
+
 CASES = int(os.environ.get("ORTHOFT_FUZZ_CASES", "500"))
 RANDOM_CASES = "ORTHOFT_FUZZ_CASES" in os.environ
 # A load takes milliseconds; a backtracking regex would take minutes.

@@ -299,7 +299,7 @@ def test_trainer_callback_logs_the_worst_layer_at_each_logging_step(tmp_path: Pa
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logged] == [2, 4, 6]
     errors = [entry["orthogonality_error"] for entry in logged]
-    assert all(error > 0 for error in errors) and errors == sorted(errors)
+    assert all(error > 0 for error in errors)
     final = orthoft.orthogonality_report(model).worst
     assert errors[-1] == pytest.approx(final.error) and logged[-1]["orthogonality_q_norm"] == final.q_norm
     assert callback.worst_layer == f"{final.layer} ({final.adapter})"
