@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -315,3 +317,13 @@ def test_compiled_training_forwards_skip_the_check_without_a_graph_break() -> No
         warnings.simplefilter("error", OrthogonalityWarning)
         compiled(x).sum().backward()
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_orthoft_imports_transformers_only_for_the_callback() -> None:
+    code = (
+        "import sys, orthoft; assert 'transformers' not in sys.modules; "
+        "orthoft.OrthogonalityCallback; assert 'transformers' in sys.modules"
+    )
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
