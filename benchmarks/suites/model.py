@@ -8,6 +8,7 @@ decoder is transformers' ``LlamaModel`` built from a ``LlamaConfig`` with random
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ LEARNING_RATE = 1e-5
 
 FROZEN = "frozen model (forward + backward)"
 ORTHOFT_OFT = f"orthoft OFT b={OFT_BLOCK_SIZE}"
+# The same without the training-time orthogonality check of the series (on by default): its cost.
+ORTHOFT_OFT_UNCHECKED = f"orthoft OFT b={OFT_BLOCK_SIZE}, orthogonality check off"
 PEFT_OFT = f"PEFT OFT b={OFT_BLOCK_SIZE}"
 PEFT_LORA = f"PEFT LoRA r={LORA_RANK}"
 
@@ -72,6 +75,7 @@ def _competitors() -> list[tuple[str, dict[str, Any], str | None]]:
     return [
         (FROZEN, {"kind": "frozen"}, None),
         (ORTHOFT_OFT, {"kind": "orthoft_oft"}, None),
+        (ORTHOFT_OFT_UNCHECKED, {"kind": "orthoft_oft", "orthogonality_check": "off"}, None),
         *((orthoft_boft_label(m), spec, None) for m, spec in boft),
         (PEFT_OFT, {"kind": "peft_oft"}, peft_skip),
         *((peft_boft_label(m), {"kind": "peft_boft", "factors": m}, peft_boft_skip(m)) for m in (1, 4)),
@@ -141,8 +145,11 @@ def build(spec: dict[str, Any], device: torch.device, dtype: torch.dtype, rotate
     x = randn((1, decoder.tokens, decoder.hidden), device, dtype, requires_grad=True)
     grad = randn((1, decoder.tokens, decoder.hidden), device, dtype)
 
+    check = spec.get("orthogonality_check")
+
     def step(i: int) -> None:
-        model(inputs_embeds=x).last_hidden_state.backward(grad)
+        with orthoft.orthogonality_check(mode=check) if check else contextlib.nullcontext():
+            model(inputs_embeds=x).last_hidden_state.backward(grad)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

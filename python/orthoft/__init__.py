@@ -11,8 +11,16 @@ check_torch_compatibility()
 
 from . import _build_config, ops, reference  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
+from .cayley_form import convert_cayley_form  # noqa: E402
 from .config import BOFTConfig, OFTConfig  # noqa: E402
 from .layers import BOFTConv2d, BOFTEmbedding, BOFTLinear, OFTConv2d, OFTEmbedding, OFTLinear  # noqa: E402
+from .orthogonality import (  # noqa: E402
+    OrthogonalityError,
+    OrthogonalityWarning,
+    orthogonality_check,
+    orthogonality_report,
+    set_orthogonality_check,
+)
 from .tuner import (  # noqa: E402
     active_adapters,
     delete_adapter,
@@ -36,9 +44,13 @@ __all__ = [
     "OFTConv2d",
     "OFTEmbedding",
     "OFTLinear",
+    "OrthogonalityCallback",
+    "OrthogonalityError",
+    "OrthogonalityWarning",
     "__version__",
     "active_adapters",
     "build_info",
+    "convert_cayley_form",
     "cuda_kernels_available",
     "delete_adapter",
     "disable_adapters",
@@ -47,10 +59,13 @@ __all__ = [
     "load_adapter",
     "merge_and_unload",
     "ops",
+    "orthogonality_check",
+    "orthogonality_report",
     "print_trainable_parameters",
     "reference",
     "save_adapter",
     "set_adapter",
+    "set_orthogonality_check",
     "unload",
 ]
 
@@ -58,3 +73,12 @@ __all__ = [
 def cuda_kernels_available() -> bool:
     """Whether this build holds orthoft's CUDA kernels and a CUDA device can run them."""
     return _build_config.with_cuda and torch.cuda.is_available()
+
+
+def __getattr__(name: str) -> object:
+    # The Trainer callback imports transformers: only when it is asked for.
+    if name == "OrthogonalityCallback":
+        from .trainer_callback import OrthogonalityCallback
+
+        return OrthogonalityCallback
+    raise AttributeError(f"module 'orthoft' has no attribute {name!r}")

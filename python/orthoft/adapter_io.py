@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import nn
 
+from .adapter_checks import check_loaded_tensors, config_from_file, naming_file, read_config, read_tensors
 from .config import OrthoftConfig
 from .layers.base import check_tensors_fit
+from .tuner import _check_adapter_name as check_new_adapter_name
 from .tuner import (
     adapter_configs,
     delete_adapter,
@@ -174,9 +177,21 @@ def save_adapter(
         return
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(saved, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    with open(directory / CONFIG_NAME, "w", encoding="utf-8") as file:
-        json.dump(_peft_config_dict(model, config, task_type), file, indent=2, sort_keys=True)
+    # Both files are written whole under other names, then renamed into place: a save cut short (a full
+    # disk) leaves the previous adapter as it was, both files of it.
+    partial = {name: directory / f".{name}.partial" for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    try:
+        save_file(saved, partial[WEIGHTS_NAME], metadata={"format": "pt"})
+        text = json.dumps(_peft_config_dict(model, config, task_type), indent=2, sort_keys=True)
+        partial[CONFIG_NAME].write_text(text, encoding="utf-8")
+    except BaseException as error:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+        if isinstance(error, SafetensorError):  # a full disk, as any other failed write: an OSError
+            raise OSError(f"{directory / WEIGHTS_NAME} could not be written: {error}") from error
+        raise
+    for name, path in partial.items():
+        os.replace(path, directory / name)
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -187,7 +202,7 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], bool]:
         others = sorted(p.name for p in directory.glob("adapter_model.*"))
         found = f" (found {others}; only safetensors files are read)" if others else ""
         raise FileNotFoundError(f"{weights} does not exist{found}.")
-    tensors = load_file(weights)
+    tensors = read_tensors(weights)
     if tensors and all(key.startswith(PEFT_KEY_PREFIX) for key in tensors):
         return tensors, True
     return {PEFT_KEY_PREFIX + key: value for key, value in tensors.items()}, False
@@ -207,12 +222,19 @@ def _warn_on_old_neumann_series(data: dict[str, Any], source: Path) -> None:
         )
 
 
-def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: Path) -> None:
+def _copy_into(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str,
+    source: Path,
+    allow_non_finite: bool,
+) -> None:
     targets = adapter_state_dict(model, adapter_name)
     if _config_of(model, adapter_name).bias == "all":
         # PEFT writes every ``.bias`` entry (see _untrained_peft_biases); only the trained ones are read.
         tensors = {k: tensor for k, tensor in tensors.items() if k in targets or not k.endswith(".bias")}
     check_tensors_fit(f"Adapter tensors in {source}", targets, tensors)
+    check_loaded_tensors(tensors, targets, source, allow_non_finite=allow_non_finite)
     # The layers load their own tensors (in place of meta ones after low_cpu_mem_usage); biases and
     # modules_to_save copies are the model's own parameters.
     loaded: set[str] = set()
@@ -234,24 +256,30 @@ def load_adapter(
     adapter_name: str = "default",
     *,
     low_cpu_mem_usage: bool = False,
+    allow_non_finite: bool = False,
 ) -> nn.Module:
     """Add the adapter saved in ``path`` (by orthoft or PEFT) to ``model`` as ``adapter_name``; returns it.
 
     ``model`` is the base model, plain or already carrying other adapters. The tensors load
     strictly: a missing, unexpected or misshapen key is an error naming it, and leaves the model
     as it was. With ``low_cpu_mem_usage`` the adapter tensors are not created before the loaded ones
-    take their place.
+    take their place. Damaged files, tensors of a non-float dtype and NaN or Inf values are errors
+    naming the file and the field or tensor (see ``adapter_checks``); ``allow_non_finite=True`` loads
+    NaN and Inf values anyway, to inspect a diverged adapter.
     """
     directory = Path(path)
-    with open(directory / CONFIG_NAME, encoding="utf-8") as file:
-        data = json.load(file)
-    config = OrthoftConfig.from_dict(data)
+    check_new_adapter_name(model, adapter_name)  # not the files' fault: said before reading them
+    data = read_config(directory / CONFIG_NAME)
+    config = config_from_file(data, directory / CONFIG_NAME)
     tensors, peft_layout = _read_tensors(directory)
     if peft_layout:
         _warn_on_old_neumann_series(data, directory)
-    get_orthoft_model(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     try:
-        _copy_into(model, tensors, adapter_name, directory / WEIGHTS_NAME)
+        get_orthoft_model(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    except (ValueError, TypeError) as error:  # the config does not fit the model
+        raise naming_file(error, directory / CONFIG_NAME) from None
+    try:
+        _copy_into(model, tensors, adapter_name, directory / WEIGHTS_NAME, allow_non_finite)
     except BaseException:
         delete_adapter(model, adapter_name)
         raise

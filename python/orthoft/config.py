@@ -8,12 +8,12 @@ the value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .layers.options import AdapterOptions, BOFTOptions, Check, Invalid, OFTOptions, Owner, boolean, integer
+from .regex_bounds import check_bounded_regex
 
 __all__ = ["ALL_LINEAR", "BOFTConfig", "OFTConfig", "OrthoftConfig"]
 
@@ -24,6 +24,10 @@ ALL_LINEAR = "all-linear"
 _PEFT_ONLY_FIELDS = frozenset(
     {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
 )
+
+
+# The tuner matches ``layers_pattern`` inside a regex with two variable repeats of its own.
+_REPEATS_AROUND = {"layers_pattern": 2}
 
 
 def _check(owner: str, name: str, value: object, check: Check) -> None:
@@ -37,12 +41,7 @@ def _normalize_names(owner: str, name: str, value: object) -> list[str] | str | 
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(
-                f"{owner}: `{name}` {value!r} is not a valid regular expression: {error}."
-            ) from None
+        check_bounded_regex(owner, name, value, _REPEATS_AROUND.get(name, 0))
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
         # Sets (as PEFT stores them) are sorted so that the JSON form is reproducible.
@@ -97,6 +96,8 @@ class OrthoftConfig:
         elif layers is not None:
             _check(owner, "layers_to_transform", layers, integer(0))
         pattern = _normalize_names(owner, "layers_pattern", self.layers_pattern)
+        for entry in pattern if isinstance(pattern, list) else ():
+            check_bounded_regex(owner, "layers_pattern", entry, _REPEATS_AROUND["layers_pattern"])
         self.layers_pattern = pattern
         if pattern and self.layers_to_transform is None:
             raise ValueError(

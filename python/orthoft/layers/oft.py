@@ -10,6 +10,7 @@ from .conv import Conv2dLayer
 from .linear import LinearLayer
 from .options import OFTOptions, with_options_signature
 from .rotation import cayley_blocks, drop_blocks, packed_skew, project_packed_skew
+from .series_check import check_series_rotation
 
 
 class OFTRotation(nn.Module):
@@ -54,8 +55,11 @@ class OFTLayer(OrthoftLayer):
         b = options.block_size
         skew = packed_skew(weight.to(compute_dtype(weight.dtype)), b)
         terms = options.num_cayley_neumann_terms if options.use_cayley_neumann else 0
+        blocks = cayley_blocks(skew, terms)
+        if training and terms:
+            check_series_rotation(self, adapter_name, skew, blocks, terms)
         # A shared block is transformed once and repeated over the r blocks.
-        rotations = cayley_blocks(skew, terms).expand(options.r, b, b).unsqueeze(0)
+        rotations = blocks.expand(options.r, b, b).unsqueeze(0)
         if training and options.dropout > 0:
             rotations = drop_blocks(rotations, options.dropout)
         return rotations, b

@@ -57,6 +57,20 @@ def positive(value: Any) -> Any:
     return float(value)
 
 
+# The series costs one b x b product per term: well before this many terms the exact transform
+# (use_cayley_neumann=False) is cheaper and exact, and an absurd count (10**7) stalls every forward.
+MAX_CAYLEY_NEUMANN_TERMS = 64
+
+
+def series_terms(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CAYLEY_NEUMANN_TERMS:
+        return Invalid(
+            f"must be an integer >= 1 and at most {MAX_CAYLEY_NEUMANN_TERMS} (for more accuracy use the "
+            "exact Cayley transform, use_cayley_neumann=False)"
+        )
+    return value
+
+
 def option(default: Any, check: Check, peft: str | None = None) -> Any:
     """A field of an options dataclass: its default, check and PEFT config field (default: same name)."""
     return dataclasses.field(default=default, metadata={"check": check, "peft": peft})
@@ -214,7 +228,7 @@ class OFTOptions(AdapterOptions):
     eps: float = option(6e-5, positive)
     block_share: bool = option(False, boolean)
     use_cayley_neumann: bool = option(True, boolean)
-    num_cayley_neumann_terms: int = option(5, integer(1))
+    num_cayley_neumann_terms: int = option(5, series_terms)
     init_weights: bool = option(True, boolean)
 
     def check_without_layer(self, owner: Owner) -> None:
