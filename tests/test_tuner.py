@@ -535,3 +535,12 @@ def test_training_changes_only_trainable_parameters() -> None:
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == trainable
     assert isinstance(model.layers[0].q, OFTLinear)
+
+
+def test_adapted_layers_take_the_mode_of_the_modules_they_replace() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
+    model[1].train()
+    get_orthoft_model(model, OFTConfig(target_modules=["0", "1"], oft_block_size=4))
+    assert [layer.training for layer in model] == [False, True]
+    model.train()
+    assert all(module.training for module in model.modules())

@@ -144,7 +144,9 @@ class OrthoftLayer(nn.Module):
             layer_name=layer_name,
             options=options,
         )
-        return layer
+        # In the mode of the module it stands in for: an adapter added to a model in eval mode must not
+        # train (dropout, the series check) until the model is put back into training.
+        return layer.train(module.training)
 
     # Hooks of the method (OFT, BOFT).
     def _init_adapter_containers(self) -> None:
