@@ -72,7 +72,7 @@ def _trained_biases(model: nn.Module, config: OrthoftConfig, adapter_name: str) 
         return {
             f"{path}.base_layer.bias": layer.base_layer.bias
             for path, layer in named_orthoft_layers(model)
-            if adapter_name in layer.adapter_names and layer.base_layer.bias is not None
+            if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None
         }
     # "all": every bias of the model, but not the frozen originals or copies of modules_to_save.
     wrapped = tuple(f"{path}." for path, _ in named_modules_to_save(model))
