@@ -126,6 +126,9 @@ def _name_or_path(model: nn.Module) -> str | None:
 def _peft_config_dict(model: nn.Module, config: OrthoftConfig, task_type: str | None) -> dict[str, Any]:
     """``adapter_config.json`` as PEFT writes it: the config's fields plus PEFT's bookkeeping."""
     out = config.to_dict()
+    if out.get("target_parameters") is None:
+        # PEFT's OFT and BOFT configs have no such field; it is written only where it is used.
+        del out["target_parameters"]
     out.update(
         task_type=task_type,
         peft_version=PEFT_VERSION,

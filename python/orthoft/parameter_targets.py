@@ -146,6 +146,11 @@ def add_parameter_adapters(
             label = f"{target.path}.{target.parameter_name}"
             existing = _chain_layer(module, target.parameter_name)
             if existing is not None:
+                if existing.options_class is not config.options_class:
+                    raise ValueError(
+                        f"Parameter '{label}' holds {existing.options_class.peft_type} adapters "
+                        f"{existing.adapter_names}; a {config.peft_type} adapter cannot be added to it."
+                    )
                 if existing not in extended:
                     existing.add_adapter(
                         adapter_name, layer_name=label, low_cpu_mem_usage=low_cpu_mem_usage, **options

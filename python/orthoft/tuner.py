@@ -573,7 +573,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                     layer.delete_adapter(adapter_name)
                 kept.append(layer)
             base = chain[-1].base_layer
-            for layer, inner in zip(kept, [*kept[1:], base], strict=True):
+            for layer, inner in zip(kept, [*kept[1:], base], strict=False):
                 if layer.base_layer is not inner:
                     layer.base_layer = inner
             setattr(parent, attribute, kept[0] if kept else base)
