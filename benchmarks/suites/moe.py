@@ -5,13 +5,13 @@ experts module on the rotated weights (the parameter route, which fits any exper
 Beside it: OFT on the routed activations instead (each expert's tokens rotated before its frozen
 weights, written here for Qwen3-MoE's own loop over experts: the route that needs the experts' forward),
 PEFT's LoRA on the same parameters, and the frozen model's forward and backward. One step is forward,
-backward, an AdamW step and gradients set to None; the experts run transformers' eager loop in every
-competitor, the one forward the activation route can be written into.
+backward, an AdamW step and gradients set to None. Each shape runs with transformers' eager loop over
+experts (the forward the activation route is written into) and with its grouped matmuls (its default).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class MoE:
     top_k: int
     layers: int
     tokens: int
+    implementation: str = "eager"  # transformers' experts_implementation
 
 
 # CPU: small enough for a 2-core machine to step in about a second; CUDA: Qwen3-30B-A3B's expert sizes.
@@ -59,25 +60,30 @@ def shape_label(s: MoE) -> str:
     layers = f"{s.layers} layer" + ("s" if s.layers > 1 else "")
     return (
         f"hidden {s.hidden}, {s.experts} experts of width {s.expert_width}, top-{s.top_k}, {layers}, "
-        f"{s.tokens} tokens"
+        f"{s.tokens} tokens, {s.implementation} experts"
     )
 
 
 def cases(settings: Settings) -> list[Case]:
-    shape = SHAPES[settings.size][settings.device.type]
+    """Each shape with transformers' eager loop over experts and with its grouped matmuls (its default);
+    the activation route exists for the loop only."""
     dtype = settings.dtype or ("bfloat16" if settings.on_cuda else "float32")
     peft_skip = None if peft_version() else PEFT_MISSING
-    competitors = [
-        (FROZEN, "frozen", None),
-        (ORTHOFT_OFT, "orthoft_oft", None),
-        (ORTHOFT_BOFT, "orthoft_boft", None),
-        (ROUTED_OFT, "routed_oft", None),
-        (PEFT_LORA, "peft_lora", peft_skip),
-    ]
-    return [
-        Case("moe", shape_label(shape), label, FROZEN, dtype, {"kind": kind, **shape.__dict__}, skip)
-        for label, kind, skip in competitors
-    ]
+    out = []
+    for implementation in ("eager", "grouped_mm"):
+        shape = replace(SHAPES[settings.size][settings.device.type], implementation=implementation)
+        competitors = [
+            (FROZEN, "frozen", None),
+            (ORTHOFT_OFT, "orthoft_oft", None),
+            (ORTHOFT_BOFT, "orthoft_boft", None),
+            *([(ROUTED_OFT, "routed_oft", None)] if implementation == "eager" else []),
+            (PEFT_LORA, "peft_lora", peft_skip),
+        ]
+        out += [
+            Case("moe", shape_label(shape), label, FROZEN, dtype, {"kind": kind, **shape.__dict__}, skip)
+            for label, kind, skip in competitors
+        ]
+    return out
 
 
 def _decoder(s: MoE, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -97,7 +103,7 @@ def _decoder(s: MoE, device: torch.device, dtype: torch.dtype) -> nn.Module:
         max_position_embeddings=s.tokens,
         use_cache=False,
         attn_implementation="sdpa",
-        experts_implementation="eager",
+        experts_implementation=s.implementation,
     )
     with torch.device(device):
         model = Qwen3MoeModel(config)
