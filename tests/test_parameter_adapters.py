@@ -233,6 +233,36 @@ def test_each_expert_computes_w_times_its_rotation_of_the_input(model_name: str)
         assert_close_rel(experts(x, index, weights), frozen(x @ rotations[e], index, weights), torch.float64)
 
 
+@pytest.mark.parametrize("method", ["oft", "boft"])
+def test_dropout_drops_blocks_of_each_expert_as_of_one_layer(method: str) -> None:
+    """``int(p * D)`` identity blocks in one factor of every expert, and none outside training."""
+    option = {"module_dropout": 0.5} if method == "oft" else {"boft_dropout": 0.5}
+    model = orthoft.get_orthoft_model(make("hand_made"), config_for(method, ["block.up"], **option))
+    perturb(model)
+    layer = model.block
+    rotations, b = layer._rotation_factors("default", training=True)
+    eye = torch.eye(b, dtype=rotations.dtype)
+    identity = (rotations == eye).flatten(-2).all(-1)  # (m, E * D)
+    per_expert = identity.view(rotations.shape[0], layer.num_experts, -1)
+    blocks = per_expert.shape[-1]
+    assert per_expert.sum((0, 2)).tolist() == [blocks // 2] * layer.num_experts
+    assert (per_expert.sum(2) > 0).sum(0).tolist() == [1] * layer.num_experts  # one factor per expert
+    assert not (layer._rotation_factors("default", training=False)[0] == eye).flatten(-2).all(-1).any()
+
+
+def test_coft_projects_each_expert_s_blocks_as_one_layer_s() -> None:
+    """COFT's radius ``eps / sqrt(r)`` counts one expert's ``r`` blocks, as for a Linear layer."""
+    config = config_for("oft", ["block.up"], oft_block_size=4, coft=True, eps=0.1)
+    model = orthoft.get_orthoft_model(make("hand_made"), config)
+    perturb(model)
+    run(model, "hand_made")
+    layer = model.block
+    r = layer.adapter_options["default"].r
+    norms = 2**0.5 * layer.oft_R["default"].weight.detach().norm(dim=-1)
+    assert norms.shape[0] == layer.num_experts * r
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.1 / r**0.5))
+
+
 # ---------------------------------------------------------------------------------------------
 # Training, adapters on disk, several adapters
 
@@ -344,6 +374,26 @@ def test_parameters_and_modules_together() -> None:
     assert kinds == {"OFTLinear", "OFTParameter"}
     merged = orthoft.merge_and_unload(model)
     assert [type(m) for m in merged.modules()] == [type(m) for m in base.modules()]
+
+
+def test_a_parameter_wrapped_by_hand() -> None:
+    """``from_parameter`` on a module of one's own, as ``from_module`` on a layer; merging writes ``W'``."""
+    module = hand_made().block.double()
+    frozen = copy.deepcopy(module)
+    layer = orthoft.BOFTParameter.from_parameter(
+        module, "up", block_size=4, n_butterfly_factor=2, init_weights=False
+    )
+    assert layer.get_base_layer() is module and layer.num_experts == 3 and layer.in_features == 16
+    x = inputs("hand_made")["x"]
+    with torch.no_grad():
+        frozen.up.copy_(hand_merged(layer, frozen.up, ["default"]))
+    assert_close_rel(layer(x), frozen(x), torch.float64)
+    delta = layer.get_delta_weight()
+    layer.merge()
+    assert_close_rel(module.up, frozen.up, torch.float64)
+    assert_close_rel(module.up - delta, layer._unmerged_weight, torch.float64)
+    with pytest.raises(TypeError, match=r"use BOFTParameter\.from_parameter"):
+        orthoft.BOFTParameter.from_module(module)
 
 
 # ---------------------------------------------------------------------------------------------

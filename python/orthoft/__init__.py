@@ -12,7 +12,16 @@ check_torch_compatibility()
 from . import _build_config, ops, reference  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .config import BOFTConfig, OFTConfig  # noqa: E402
-from .layers import BOFTConv2d, BOFTEmbedding, BOFTLinear, OFTConv2d, OFTEmbedding, OFTLinear  # noqa: E402
+from .layers import (  # noqa: E402
+    BOFTConv2d,
+    BOFTEmbedding,
+    BOFTLinear,
+    BOFTParameter,
+    OFTConv2d,
+    OFTEmbedding,
+    OFTLinear,
+    OFTParameter,
+)
 from .tuner import (  # noqa: E402
     active_adapters,
     delete_adapter,
@@ -32,10 +41,12 @@ __all__ = [
     "BOFTConv2d",
     "BOFTEmbedding",
     "BOFTLinear",
+    "BOFTParameter",
     "OFTConfig",
     "OFTConv2d",
     "OFTEmbedding",
     "OFTLinear",
+    "OFTParameter",
     "__version__",
     "active_adapters",
     "build_info",
