@@ -8,6 +8,8 @@ per-expert rotations, and ``orthoft.ops.butterfly`` runs them all at once.
 
 ``rotate_expert_weights`` keeps only the frozen weight (no copy of it) and the small chunks for
 backward, and the result for BOFT's scale: the rotated weight is what the experts' own forward keeps.
+It works through the experts in a few groups, so that its side-by-side copies stay a fraction of the
+weight.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ import torch
 
 from .. import ops
 from .rotation import rotation_chunks
+
+# Experts are rotated in about this many groups: the side-by-side copies of a group then cost an eighth
+# of the weight, not two weights, for as many operator calls.
+GROUPS = 8
+
+
+def _groups(experts: int) -> list[slice]:
+    size = -(-experts // GROUPS)
+    return [slice(start, min(start + size, experts)) for start in range(0, experts, size)]
 
 
 def _side_by_side(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -30,10 +41,10 @@ def _side_by_side(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def _stacked(matrix: torch.Tensor, experts: int, transposed: bool) -> torch.Tensor:
-    """``_side_by_side`` undone: an ``(out, E * in)`` matrix as a contiguous weight in the layout."""
+    """``_side_by_side`` undone, as a view: an ``(out, E * in)`` matrix in the weight's layout."""
     out, width = matrix.shape
     stacked = matrix.view(out, experts, width // experts)
-    return (stacked.permute(1, 2, 0) if transposed else stacked.transpose(0, 1)).contiguous()
+    return stacked.permute(1, 2, 0) if transposed else stacked.transpose(0, 1)
 
 
 def _scale_view(scale: torch.Tensor, experts: int, transposed: bool) -> torch.Tensor:
@@ -41,47 +52,65 @@ def _scale_view(scale: torch.Tensor, experts: int, transposed: bool) -> torch.Te
     return scale.view(experts, 1, -1) if transposed else scale.view(experts, -1, 1)
 
 
+def _chunk_range(group: slice, weight: torch.Tensor, chunks_t: torch.Tensor, transposed: bool) -> slice:
+    """The chunks of the experts in ``group``, in ``chunks_t`` ``(1, E * in / C, C, C)``."""
+    per_expert = weight.shape[1 if transposed else 2] // chunks_t.shape[-1]
+    return slice(group.start * per_expert, group.stop * per_expert)
+
+
 class _RotateExperts(torch.autograd.Function):
     @staticmethod
     def forward(
         weight: torch.Tensor, chunks_t: torch.Tensor, scale: torch.Tensor | None, transposed: bool
     ) -> torch.Tensor:
-        matrix = _side_by_side(weight, transposed)
-        rotated = _stacked(ops.butterfly(matrix, chunks_t, chunks_t.shape[-1]), weight.shape[0], transposed)
-        return rotated if scale is None else rotated * _scale_view(scale, weight.shape[0], transposed)
+        rotated = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        for group in _groups(weight.shape[0]):
+            part = weight[group]
+            chunks = chunks_t[:, _chunk_range(group, weight, chunks_t, transposed)]
+            product = ops.butterfly(_side_by_side(part, transposed), chunks, chunks_t.shape[-1])
+            rotated[group] = _stacked(product, part.shape[0], transposed)
+        return rotated if scale is None else rotated.mul_(_scale_view(scale, weight.shape[0], transposed))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         weight, chunks_t, scale, transposed = inputs
         ctx.transposed = transposed
-        ctx.has_scale = scale is not None
         ctx.save_for_backward(weight, chunks_t, *((scale, output) if scale is not None else ()))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, chunks_t, *scaled = ctx.saved_tensors
         experts, transposed = weight.shape[0], ctx.transposed
-        grad_scale = None
-        if scaled:
-            scale, output = scaled
-            view = _scale_view(scale, experts, transposed)
-            if ctx.needs_input_grad[2]:
-                # d/ds of (rotated * s) is rotated = output / s: the kept output, no rotated copy kept.
-                summed = (grad * output).sum(1 if transposed else 2)
-                grad_scale = summed.reshape(-1) / scale
-            grad = grad * view
-        need_weight, need_chunks = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_weight or need_chunks):
-            return None, None, grad_scale, None
-        grad_weight, grad_chunks = torch.ops.orthoft.butterfly_backward.default(
-            _side_by_side(grad, transposed),
-            _side_by_side(weight, transposed),
-            chunks_t,
-            chunks_t.shape[-1],
-            [need_weight, need_chunks],
-        )
-        grad_weight = _stacked(grad_weight, experts, transposed) if need_weight else None
-        return grad_weight, (grad_chunks if need_chunks else None), grad_scale, None
+        need_weight, need_chunks, need_scale = ctx.needs_input_grad[:3]
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_chunks = torch.empty_like(chunks_t) if need_chunks else None
+        grad_scale = torch.empty_like(scaled[0]) if scaled and need_scale else None
+        for group in _groups(experts):
+            part = grad[group]
+            if scaled:
+                scale, output = scaled
+                view = _scale_view(scale, experts, transposed)[group]
+                if grad_scale is not None:
+                    # d/ds of (rotated * s) is rotated = output / s: the kept output, no rotated copy kept.
+                    summed = (part * output[group]).sum(1 if transposed else 2).reshape(-1)
+                    rows = summed.shape[0] // (group.stop - group.start)
+                    grad_scale[group.start * rows : group.stop * rows] = summed / view.reshape(-1)
+                part = part * view
+            if not (need_weight or need_chunks):
+                continue
+            chunks = _chunk_range(group, weight, chunks_t, transposed)
+            group_weight, group_chunks = torch.ops.orthoft.butterfly_backward.default(
+                _side_by_side(part, transposed),
+                _side_by_side(weight[group], transposed),
+                chunks_t[:, chunks],
+                chunks_t.shape[-1],
+                [need_weight, need_chunks],
+            )
+            if grad_weight is not None:
+                grad_weight[group] = _stacked(group_weight, group.stop - group.start, transposed)
+            if grad_chunks is not None:
+                grad_chunks[:, chunks] = group_chunks
+        return grad_weight, grad_chunks, grad_scale, None
 
 
 def rotate_expert_weights(
