@@ -119,15 +119,17 @@ def expert_rotations(layer: ParameterLayer, adapter_name: str) -> torch.Tensor:
     )
 
 
-def hand_merged(layer: ParameterLayer, weight: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-    """``weight`` (in the parameter's layout) with ``adapter_names`` applied in order."""
+def hand_merged(
+    layer: ParameterLayer, weight: torch.Tensor, adapter_names: list[str], transposed: bool
+) -> torch.Tensor:
+    """``weight`` with ``adapter_names`` applied in order; ``transposed``: stored ``(experts, in, out)``."""
     flat = weight.dim() == 2
-    canonical = weight.unsqueeze(0) if flat else (weight.mT if layer.transposed else weight)
+    canonical = weight.unsqueeze(0) if flat else (weight.mT if transposed else weight)
     for name in adapter_names:
         canonical = canonical @ expert_rotations(layer, name).mT
         if isinstance(layer, BOFTParameter):
             canonical = canonical * layer.boft_s[name].detach().view(layer.num_experts, -1, 1)
-    return canonical.squeeze(0) if flat else (canonical.mT if layer.transposed else canonical)
+    return canonical.squeeze(0) if flat else (canonical.mT if transposed else canonical)
 
 
 def holder_path(layer_path: str) -> str:
@@ -143,7 +145,9 @@ def hand_built_model(base: nn.Module, adapted: nn.Module, adapter_names: list[st
         original = getattr(holder, layer.parameter_name)
         held = [name for name in adapter_names if name in layer.adapter_names]
         with torch.no_grad():
-            original.copy_(hand_merged(layer, original.detach(), held))
+            # The layout as the model declares it (transformers' flag), not as the layer read it.
+            transposed = getattr(holder, "is_transposed", False)
+            original.copy_(hand_merged(layer, original.detach(), held, transposed))
     return expected
 
 
@@ -386,7 +390,7 @@ def test_a_parameter_wrapped_by_hand() -> None:
     assert layer.get_base_layer() is module and layer.num_experts == 3 and layer.in_features == 16
     x = inputs("hand_made")["x"]
     with torch.no_grad():
-        frozen.up.copy_(hand_merged(layer, frozen.up, ["default"]))
+        frozen.up.copy_(hand_merged(layer, frozen.up, ["default"], transposed=False))
     assert_close_rel(layer(x), frozen(x), torch.float64)
     delta = layer.get_delta_weight()
     layer.merge()
