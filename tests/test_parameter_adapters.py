@@ -400,6 +400,15 @@ def test_a_parameter_wrapped_by_hand() -> None:
         orthoft.BOFTParameter.from_module(module)
 
 
+@pytest.mark.parametrize(
+    "selection", [{"layers_to_transform": [1]}, {"exclude_modules": ["model.layers.0.mlp.experts"]}]
+)
+def test_layers_and_exclusions_select_the_modules_holding_parameters(selection: dict[str, Any]) -> None:
+    model = orthoft.get_orthoft_model(make("qwen3_moe"), config_for("oft", EXPERT_PARAMETERS, **selection))
+    paths = [path for path, _ in named_orthoft_layers(model)]
+    assert paths == ["model.layers.1.mlp.experts", "model.layers.1.mlp.experts.base_layer"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a ValueError naming the parameter and what is valid; the model is unchanged
 

@@ -204,8 +204,13 @@ def _is_target(config: OrthoftConfig, path: str, module: nn.Module, output_layer
         return _is_linear(base) and base is not output_layer
     if targets is None or not _matches_names(targets, path):
         return False
+    return isinstance(targets, str) or _in_layers(config, path)
+
+
+def _in_layers(config: OrthoftConfig, path: str) -> bool:
+    """Whether ``path`` lies in one of ``layers_to_transform`` (any path when it is None)."""
     layers = config.layers_to_transform
-    if layers is None or isinstance(targets, str):
+    if layers is None:
         return True
     index = _layer_index(path, config.layers_pattern)
     return index is not None and (index == layers if isinstance(layers, int) else index in layers)
@@ -214,15 +219,8 @@ def _is_target(config: OrthoftConfig, path: str, module: nn.Module, output_layer
 def _module_selected(config: OrthoftConfig, path: str) -> bool:
     """Whether exclude_modules, layers_to_transform and modules_to_save leave the module at ``path`` to adapt
     (for the modules holding ``target_parameters``)."""
-    if config.exclude_modules is not None and _matches_names(config.exclude_modules, path):
-        return False
-    if _in_modules_to_save(config, path):
-        return False
-    layers = config.layers_to_transform
-    if layers is None:
-        return True
-    index = _layer_index(path, config.layers_pattern)
-    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+    excluded = config.exclude_modules is not None and _matches_names(config.exclude_modules, path)
+    return not excluded and not _in_modules_to_save(config, path) and _in_layers(config, path)
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
