@@ -398,6 +398,11 @@ def test_a_parameter_wrapped_by_hand() -> None:
     assert_close_rel(module.up - delta, layer._unmerged_weight, torch.float64)
     with pytest.raises(TypeError, match=r"use BOFTParameter\.from_parameter"):
         orthoft.BOFTParameter.from_module(module)
+    # A copy merges into its own parameter only.
+    copied = copy.deepcopy(layer)
+    copied.unmerge()
+    assert_close_rel(module.up, frozen.up, torch.float64)
+    assert not torch.equal(copied.get_base_layer().up, module.up)
 
 
 @pytest.mark.parametrize(

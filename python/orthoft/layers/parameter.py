@@ -125,21 +125,26 @@ class ParameterLayer(OrthoftLayer):
         self.base_kind = self._parameter_kind()
 
     def _parameter_kind(self) -> BaseLayerKind:
-        """How the merge reads and writes the parameter (the base class merges through a kind)."""
+        """How the merge reads and writes the parameter (the base class merges through a kind, passing
+        ``base_layer``). It holds only the name, so that a deep copy of the layer reads its own module."""
+        name = self.parameter_name
 
-        def write(_: nn.Module, value: torch.Tensor) -> None:
-            self._parameter().copy_(value)
+        def read(module: nn.Module) -> torch.Tensor:
+            return parameter_holder(module)._parameters[name]  # type: ignore[return-value]
+
+        def write(module: nn.Module, value: torch.Tensor) -> None:
+            read(module).copy_(value)
 
         return BaseLayerKind(
-            name=f"parameter {self.parameter_name!r}",
+            name=f"parameter {name!r}",
             family=self.family,
             matches=lambda module: False,
-            weight=lambda _: self._parameter(),
+            weight=read,
             write_weight=write,
-            save_weight=lambda _: self._parameter().detach().clone(),
+            save_weight=lambda module: read(module).detach().clone(),
             restore_weight=write,
-            dtype=lambda _: self._parameter().dtype,
-            device=lambda _: self._parameter().device,
+            dtype=lambda module: read(module).dtype,
+            device=lambda module: read(module).device,
         )
 
     def _filter_text(self) -> str:
