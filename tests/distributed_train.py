@@ -3,7 +3,8 @@ or FSDP2's ``fully_shard`` (gloo, CPU), and saves it; tests/test_trainers.py sta
 compares with one process training on the whole batches.
 
 Run: ``RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python distributed_train.py OUT``: trains with
-each wrapper in turn (one start-up for both) and saves into ``OUT/ddp`` and ``OUT/fsdp2``.
+each wrapper in turn (one start-up for all) and saves into ``OUT/ddp``, ``OUT/fsdp2`` and ``OUT/fsdp2_moe``
+(FSDP2 on a mixture of experts adapted through its expert weights).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM
 
 from orthoft import BOFTConfig, OFTConfig, get_orthoft_model, save_adapter
 from orthoft.config import OrthoftConfig
+from tiny_moe import EXPERT_PARAMETERS, tiny_qwen3_moe_config
 
 from tiny_models import tiny_llama_config
 
@@ -29,11 +31,17 @@ CONFIGS: dict[str, OrthoftConfig] = {
     "fsdp2": BOFTConfig(
         target_modules=["q_proj", "v_proj", "down_proj"], boft_block_size=4, boft_n_butterfly_factor=2
     ),
+    # A mixture of experts whose expert weights FSDP2 shards by expert, adapted through its parameters.
+    "fsdp2_moe": BOFTConfig(
+        target_modules=[], target_parameters=EXPERT_PARAMETERS, boft_block_size=4, boft_n_butterfly_factor=2
+    ),
 }
 
 
 def build_model(mode: str) -> nn.Module:
     torch.manual_seed(0)
+    if mode == "fsdp2_moe":
+        return get_orthoft_model(Qwen3MoeForCausalLM(tiny_qwen3_moe_config()), CONFIGS[mode])
     return get_orthoft_model(LlamaForCausalLM(tiny_llama_config()), CONFIGS[mode])
 
 
@@ -61,7 +69,12 @@ def wrap(model: nn.Module, mode: str) -> nn.Module:
 
     for layer in model.model.layers:
         fully_shard(layer)
-    return fully_shard(model)
+    wrapped = fully_shard(model)
+    if mode == "fsdp2_moe":
+        # Each rank holds half of the experts of each expert weight (and of their rotations).
+        experts = model.model.layers[0].mlp.experts.get_base_layer()
+        assert experts.gate_up_proj.to_local().shape[0] == 4 // dist.get_world_size(), experts.gate_up_proj
+    return wrapped
 
 
 def main(out: Path) -> None:

@@ -108,7 +108,7 @@ def trained_by_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2_moe"])
 def test_two_processes_train_what_one_trains_on_the_whole_batch(trained_by_two: Path, mode: str) -> None:
     distributed = load_file(trained_by_two / mode / "adapter_model.safetensors")
 

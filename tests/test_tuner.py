@@ -102,6 +102,8 @@ OFT = OFTConfig(target_modules=["q", "v"], oft_block_size=4)
 @pytest.mark.parametrize(("ours", "theirs"), [(OFTConfig, peft.OFTConfig), (BOFTConfig, peft.BOFTConfig)])
 def test_config_fields_and_defaults_are_peft_s(ours: type[OrthoftConfig], theirs: type) -> None:
     peft_defaults = {field.name: field.default for field in dataclasses.fields(theirs)}
+    # PEFT has target_parameters for LoRA only; orthoft takes it for OFT and BOFT, with LoRA's default.
+    peft_defaults["target_parameters"] = peft.LoraConfig.__dataclass_fields__["target_parameters"].default
     for field in dataclasses.fields(ours):
         assert field.name in peft_defaults, field.name
         assert field.default == peft_defaults[field.name], field.name

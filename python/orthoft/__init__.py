@@ -13,7 +13,16 @@ from . import _build_config, ops, reference  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .cayley_form import convert_cayley_form  # noqa: E402
 from .config import BOFTConfig, OFTConfig  # noqa: E402
-from .layers import BOFTConv2d, BOFTEmbedding, BOFTLinear, OFTConv2d, OFTEmbedding, OFTLinear  # noqa: E402
+from .layers import (  # noqa: E402
+    BOFTConv2d,
+    BOFTEmbedding,
+    BOFTLinear,
+    BOFTParameter,
+    OFTConv2d,
+    OFTEmbedding,
+    OFTLinear,
+    OFTParameter,
+)
 from .orthogonality import (  # noqa: E402
     OrthogonalityError,
     OrthogonalityWarning,
@@ -40,10 +49,12 @@ __all__ = [
     "BOFTConv2d",
     "BOFTEmbedding",
     "BOFTLinear",
+    "BOFTParameter",
     "OFTConfig",
     "OFTConv2d",
     "OFTEmbedding",
     "OFTLinear",
+    "OFTParameter",
     "OrthogonalityCallback",
     "OrthogonalityError",
     "OrthogonalityWarning",

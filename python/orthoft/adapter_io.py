@@ -75,7 +75,7 @@ def _trained_biases(model: nn.Module, config: OrthoftConfig, adapter_name: str) 
         return {
             f"{path}.base_layer.bias": layer.base_layer.bias
             for path, layer in named_orthoft_layers(model)
-            if adapter_name in layer.adapter_names and layer.base_layer.bias is not None
+            if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None
         }
     # "all": every bias of the model, but not the frozen originals or copies of modules_to_save.
     wrapped = tuple(f"{path}." for path, _ in named_modules_to_save(model))
@@ -129,6 +129,9 @@ def _name_or_path(model: nn.Module) -> str | None:
 def _peft_config_dict(model: nn.Module, config: OrthoftConfig, task_type: str | None) -> dict[str, Any]:
     """``adapter_config.json`` as PEFT writes it: the config's fields plus PEFT's bookkeeping."""
     out = config.to_dict()
+    if out.get("target_parameters") is None:
+        # PEFT's OFT and BOFT configs have no such field; it is written only where it is used.
+        del out["target_parameters"]
     out.update(
         task_type=task_type,
         peft_version=PEFT_VERSION,

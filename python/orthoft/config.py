@@ -69,10 +69,21 @@ class OrthoftConfig:
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     init_weights: bool = True
+    # Raw parameters to adapt (fused MoE expert weights), named as PEFT's LoRA names them: the parameter's
+    # path or a suffix of it, e.g. "mlp.experts.gate_up_proj". See ``orthoft.layers.parameter``.
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         self.target_modules = _normalize_names(owner, "target_modules", self.target_modules)
+        if self.target_parameters is not None:
+            names = _normalize_names(owner, "target_parameters", self.target_parameters)
+            if isinstance(names, str):
+                raise ValueError(
+                    f"{owner}: `target_parameters` must be a list of parameter names (as in PEFT, no regular "
+                    f"expression), e.g. ['mlp.experts.gate_up_proj'], got {names!r}."
+                )
+            self.target_parameters = names
         self.exclude_modules = _normalize_names(owner, "exclude_modules", self.exclude_modules)
         self._check_layers(owner)
         valid_bias = ("none", "all", self.adapted_bias_only)

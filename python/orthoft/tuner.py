@@ -35,6 +35,12 @@ from .layers import LAYER_CLASSES, OrthoftLayer
 from .layers.base import active_after_deletion, check_adapter_name
 from .layers.kinds import kind_of, supported_kinds
 from .modules_to_save import ModulesToSaveWrapper
+from .parameter_targets import (
+    ParameterTarget,
+    add_parameter_adapters,
+    check_same_parameters,
+    find_parameter_targets,
+)
 
 __all__ = [
     "ModulesToSaveWrapper",
@@ -94,6 +100,15 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
                 yield from walk(child, path)
 
     return walk(model, "")
+
+
+def _layer_chain(layer: OrthoftLayer) -> list[OrthoftLayer]:
+    """``layer`` and the orthoft layers nested inside it (the adapters of several parameters of one module
+    nest, as PEFT's do); the last one's ``base_layer`` is the model's own module."""
+    chain = [layer]
+    while isinstance(chain[-1].base_layer, OrthoftLayer):
+        chain.append(chain[-1].base_layer)
+    return chain
 
 
 def named_orthoft_layers(model: nn.Module) -> list[tuple[str, OrthoftLayer]]:
@@ -189,11 +204,23 @@ def _is_target(config: OrthoftConfig, path: str, module: nn.Module, output_layer
         return _is_linear(base) and base is not output_layer
     if targets is None or not _matches_names(targets, path):
         return False
+    return isinstance(targets, str) or _in_layers(config, path)
+
+
+def _in_layers(config: OrthoftConfig, path: str) -> bool:
+    """Whether ``path`` lies in one of ``layers_to_transform`` (any path when it is None)."""
     layers = config.layers_to_transform
-    if layers is None or isinstance(targets, str):
+    if layers is None:
         return True
     index = _layer_index(path, config.layers_pattern)
     return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+
+
+def _module_selected(config: OrthoftConfig, path: str) -> bool:
+    """Whether exclude_modules, layers_to_transform and modules_to_save leave the module at ``path`` to adapt
+    (for the modules holding ``target_parameters``)."""
+    excluded = config.exclude_modules is not None and _matches_names(config.exclude_modules, path)
+    return not excluded and not _in_modules_to_save(config, path) and _in_layers(config, path)
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
@@ -241,6 +268,18 @@ def _layer_class(config: OrthoftConfig, path: str, module: nn.Module) -> type[Or
 
 # ---------------------------------------------------------------------------------------------
 # Adding adapters
+
+
+def _check_no_collision(
+    targets: list[tuple[str, nn.Module, nn.Module, str]], parameter_targets: list[ParameterTarget]
+) -> None:
+    # As PEFT: a module is adapted as a layer or through its parameters, not both.
+    both = sorted({path for path, *_ in targets} & {target.path for target in parameter_targets})
+    if both:
+        raise ValueError(
+            f"Modules {both} match target_modules and hold parameters that match target_parameters; adapt "
+            "each module one way: remove it from one of them."
+        )
 
 
 def _check_adapter_name(model: nn.Module, adapter_name: object) -> None:
@@ -320,6 +359,9 @@ def _with_default_targets(model: nn.Module, config: OrthoftConfig) -> OrthoftCon
     if config.target_modules is not None:
         return config
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES and config.target_parameters:
+        # As PEFT: parameters alone are a complete target.
+        return dataclasses.replace(config, target_modules=[])
     if model_type not in DEFAULT_TARGET_MODULES:
         known = "" if model_type is None else f" for its model type {model_type!r}"
         raise ValueError(
@@ -355,12 +397,18 @@ def get_orthoft_model(
             else:
                 _layer_class(config, path, module)
             targets.append((path, module, parent, attribute))
-    if not targets:
+    state = model.__dict__.get(_STATE_ATTRIBUTE)
+    parameter_targets: list[ParameterTarget] = []
+    if config.target_parameters:
+        check_same_parameters(config, state.configs if state is not None else {})
+        model_name = type(model).__name__
+        parameter_targets = find_parameter_targets(_walk(model), config, _module_selected, model_name)
+        _check_no_collision(targets, parameter_targets)
+    if not targets and (config.target_modules or not parameter_targets):
         raise _no_match_error(model, config)
     _warn_on_layout_mismatch(config, [(path, module) for path, module, _, _ in targets])
     to_save = _find_modules_to_save(model, config)
 
-    state = model.__dict__.get(_STATE_ATTRIBUTE)
     if state is None:
         state = _AdapterState({}, [], {name: p.requires_grad for name, p in model.named_parameters()})
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
@@ -384,6 +432,9 @@ def get_orthoft_model(
                     low_cpu_mem_usage=low_cpu_mem_usage,
                     **options,
                 )
+        parameter_installs = add_parameter_adapters(
+            parameter_targets, config, adapter_name, low_cpu_mem_usage
+        )
     except BaseException:
         for layer in extended:
             layer.delete_adapter(adapter_name)
@@ -397,6 +448,8 @@ def get_orthoft_model(
             setattr(parent, attribute, replacements[id(module)])
     for parent, attribute, wrapper in installs:
         setattr(parent, attribute, wrapper)
+    for parent, attribute, layer in parameter_installs:
+        setattr(parent, attribute, layer)
     # A copy: the config object may be reused and changed for the next adapter.
     state.configs[adapter_name] = copy.deepcopy(config)
     if not state.active:
@@ -503,14 +556,25 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     remaining = [name for name in state.configs if name != adapter_name]
     state.active = active_after_deletion(type(model).__name__, state.active, adapter_name, remaining)
     for _, module, parent, attribute in list(_walk(model)):
-        if isinstance(module, OrthoftLayer) and adapter_name in module.adapter_names:
-            if adapter_name in module.merged_adapters:
-                module.unmerge()
-            if module.adapter_names == [adapter_name]:
-                setattr(parent, attribute, module.base_layer)
-            else:
-                _activate_layer(module, state.active)
-                module.delete_adapter(adapter_name)
+        if isinstance(module, OrthoftLayer):
+            chain = _layer_chain(module)
+            if not any(adapter_name in layer.adapter_names for layer in chain):
+                continue
+            kept = []
+            for layer in chain:
+                if adapter_name in layer.adapter_names:
+                    if adapter_name in layer.merged_adapters:
+                        layer.unmerge()
+                    if layer.adapter_names == [adapter_name]:
+                        continue
+                    _activate_layer(layer, state.active)
+                    layer.delete_adapter(adapter_name)
+                kept.append(layer)
+            base = chain[-1].base_layer
+            for layer, inner in zip(kept, [*kept[1:], base], strict=False):
+                if layer.base_layer is not inner:
+                    layer.base_layer = inner
+            setattr(parent, attribute, kept[0] if kept else base)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             if module.active_adapter == adapter_name:
                 module.active_adapter = None
@@ -575,12 +639,14 @@ def merge_and_unload(
     merged: set[int] = set()
     for _, module, parent, attribute in list(_walk(model)):
         if isinstance(module, OrthoftLayer):
+            chain = _layer_chain(module)
             if id(module) not in merged:
-                present = [name for name in names if name in module.adapter_names]
-                if present:
-                    module.merge(safe_merge=safe_merge, adapter_names=present)
+                for layer in chain:
+                    present = [name for name in names if name in layer.adapter_names]
+                    if present:
+                        layer.merge(safe_merge=safe_merge, adapter_names=present)
                 merged.add(id(module))
-            setattr(parent, attribute, module.base_layer)
+            setattr(parent, attribute, chain[-1].base_layer)
         elif isinstance(module, ModulesToSaveWrapper):
             chosen = next((name for name in names if name in module.modules_to_save), None)
             setattr(
@@ -618,9 +684,11 @@ def unload(model: nn.Module) -> nn.Module:
     state = _state(model)
     for _, module, parent, attribute in list(_walk(model)):
         if isinstance(module, OrthoftLayer):
-            if module.merged:
-                module.unmerge()
-            setattr(parent, attribute, module.base_layer)
+            chain = _layer_chain(module)
+            for layer in chain:
+                if layer.merged:
+                    layer.unmerge()
+            setattr(parent, attribute, chain[-1].base_layer)
         elif isinstance(module, ModulesToSaveWrapper):
             setattr(parent, attribute, module.original_module)
     _restore_base(model, state)

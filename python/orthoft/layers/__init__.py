@@ -7,6 +7,7 @@ from .base import OrthoftLayer
 from .boft import BOFTConv2d, BOFTLinear
 from .embedding import BOFTEmbedding, OFTEmbedding
 from .oft import OFTConv2d, OFTLinear
+from .parameter import BOFTParameter, OFTParameter
 from .quantized import register_quantized_kinds
 
 register_quantized_kinds()
@@ -26,8 +27,10 @@ __all__ = [
     "BOFTConv2d",
     "BOFTEmbedding",
     "BOFTLinear",
+    "BOFTParameter",
     "OFTConv2d",
     "OFTEmbedding",
     "OFTLinear",
+    "OFTParameter",
     "OrthoftLayer",
 ]

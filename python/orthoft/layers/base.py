@@ -96,6 +96,8 @@ class OrthoftLayer(nn.Module):
     out_features: int
     # F: the size of the rotation (in_features for Linear, (in/groups)*kh*kw for Conv2d).
     filter_size: int
+    # Independent rotations held side by side: one per expert of a fused MoE weight, 1 for a layer.
+    num_experts: int = 1
     adapter_options: dict[str, AdapterOptions]
 
     def __init__(

@@ -33,7 +33,8 @@ class BOFTLayer(OrthoftLayer):
     def _create_adapter_tensors(self, adapter_name: str, options: BOFTOptions, device: torch.device) -> None:
         b = options.block_size
         factory = {"dtype": self._adapter_dtype(), "device": device}
-        blocks = torch.zeros(options.n_butterfly_factor, options.block_num, b, b, **factory)
+        blocks_per_factor = options.block_num * self.num_experts
+        blocks = torch.zeros(options.n_butterfly_factor, blocks_per_factor, b, b, **factory)
         scale = torch.ones(self._scale_shape(), **factory)
         if not options.init_weights:
             nn.init.normal_(blocks, mean=0.0, std=0.1)
@@ -46,7 +47,7 @@ class BOFTLayer(OrthoftLayer):
         blocks = self.boft_R[adapter_name]
         rotations = cayley_blocks(block_skew(blocks.to(compute_dtype(blocks.dtype))), 0)
         if training and options.dropout > 0:
-            rotations = drop_blocks(rotations, options.dropout)
+            rotations = drop_blocks(rotations, options.dropout, self.num_experts)
         return rotations, options.block_size
 
     def _output_scale(self, adapter_name: str) -> torch.Tensor | None:

@@ -36,7 +36,7 @@ class OFTLayer(OrthoftLayer):
     def _create_adapter_tensors(self, adapter_name: str, options: OFTOptions, device: torch.device) -> None:
         b = options.block_size
         weight = torch.zeros(
-            1 if options.block_share else options.r,
+            (1 if options.block_share else options.r) * self.num_experts,
             b * (b - 1) // 2,
             dtype=self._adapter_dtype(),
             device=device,
@@ -50,18 +50,22 @@ class OFTLayer(OrthoftLayer):
         weight = self.oft_R[adapter_name].weight
         if options.coft:
             # As PEFT: the parameter itself is projected before each use.
+            # Each expert's blocks are projected as one layer's: the dimension PEFT counts comes first.
             with torch.no_grad():
-                weight.copy_(project_packed_skew(weight, options.eps))
-        b = options.block_size
+                per_expert = weight.view(self.num_experts, -1, weight.shape[-1]).transpose(0, 1)
+                projected = project_packed_skew(per_expert, options.eps).transpose(0, 1)
+                weight.copy_(projected.reshape(weight.shape))
+        b, experts = options.block_size, self.num_experts
         skew = packed_skew(weight.to(compute_dtype(weight.dtype)), b)
         terms = options.num_cayley_neumann_terms if options.use_cayley_neumann else 0
         blocks = cayley_blocks(skew, terms)
         if training and terms:
             check_series_rotation(self, adapter_name, skew, blocks, terms)
-        # A shared block is transformed once and repeated over the r blocks.
-        rotations = blocks.expand(options.r, b, b).unsqueeze(0)
+        # A shared block is transformed once and repeated over the r blocks (of each expert).
+        rotations = blocks.view(experts, -1, b, b).expand(experts, options.r, b, b)
+        rotations = rotations.reshape(1, experts * options.r, b, b)
         if training and options.dropout > 0:
-            rotations = drop_blocks(rotations, options.dropout)
+            rotations = drop_blocks(rotations, options.dropout, experts)
         return rotations, b
 
     def _output_scale(self, adapter_name: str) -> torch.Tensor | None:

@@ -48,19 +48,22 @@ def cayley_blocks(skew: torch.Tensor, num_neumann_terms: int) -> torch.Tensor:
     return ops.cayley(skew.reshape(-1, b, b), num_neumann_terms).reshape(skew.shape)
 
 
-def drop_blocks(rotations: torch.Tensor, p: float) -> torch.Tensor:
+def drop_blocks(rotations: torch.Tensor, p: float, groups: int = 1) -> torch.Tensor:
     """Multiplicative dropout of rotations ``(m, D, b, b)``.
 
     In one randomly chosen factor, ``int(p * D)`` randomly chosen blocks are replaced by the identity.
+    With ``groups`` (the experts of a fused weight, each ``D / groups`` blocks) each group drops its own.
     """
-    m, d, b, _ = rotations.shape
+    m, n, b, _ = rotations.shape
+    d = n // groups
     count = int(p * d)
     if count == 0:
         return rotations
-    dropped = torch.zeros(m, d, 1, 1, dtype=torch.bool)
-    dropped[torch.randint(m, ()), torch.randperm(d)[:count]] = True
+    dropped = torch.zeros(m, groups, d, 1, 1, dtype=torch.bool)
+    for group in range(groups):
+        dropped[torch.randint(m, ()), group, torch.randperm(d)[:count]] = True
     eye = torch.eye(b, dtype=rotations.dtype, device=rotations.device)
-    return torch.where(dropped.to(rotations.device), eye, rotations)
+    return torch.where(dropped.view(m, n, 1, 1).to(rotations.device), eye, rotations)
 
 
 def dense_rotation(rotations: torch.Tensor, block_size: int) -> torch.Tensor:
