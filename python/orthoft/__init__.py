@@ -13,6 +13,7 @@ from . import _build_config, ops, reference  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .config import BOFTConfig, OFTConfig  # noqa: E402
 from .layers import BOFTConv2d, BOFTEmbedding, BOFTLinear, OFTConv2d, OFTEmbedding, OFTLinear  # noqa: E402
+from .lora_export import convert_to_lora, save_as_lora  # noqa: E402
 from .tuner import (  # noqa: E402
     active_adapters,
     delete_adapter,
@@ -39,6 +40,7 @@ __all__ = [
     "__version__",
     "active_adapters",
     "build_info",
+    "convert_to_lora",
     "cuda_kernels_available",
     "delete_adapter",
     "disable_adapters",
@@ -50,6 +52,7 @@ __all__ = [
     "print_trainable_parameters",
     "reference",
     "save_adapter",
+    "save_as_lora",
     "set_adapter",
     "unload",
 ]
