@@ -477,3 +477,35 @@ def test_cuda_export_stays_on_the_gpu_and_equals_the_cpu_export(device: str) -> 
         assert torch.allclose(on_device[key].cpu(), value, rtol=1e-4, atol=1e-5), key
     _, low_rank, report = orthoft.convert_to_lora(model, 8, progressbar=False)
     assert {value.device.type for value in low_rank.values()} == {device}
+
+
+class Nested(nn.Module):
+    """A top-level ``fc`` and an ``inner.fc``: PEFT's name lists would match both with ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.inner = nn.Sequential()
+        self.inner.add_module("fc", nn.Linear(16, 16))
+        self.inner.add_module("proj", nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.proj(self.inner.fc(torch.tanh(self.fc(x))))
+
+
+def test_paths_that_end_other_paths_are_targeted_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = Nested().eval()
+    model = adapted(base, {"target_modules": r"fc|inner\.proj", **METHODS["oft"]})
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(x)
+    config, _, report = orthoft.convert_to_lora(model, 16, progressbar=False)
+    assert [layer.rank for layer in report.layers] == [16, 8]
+    assert isinstance(config.target_modules, str) and config.rank_pattern == {r"^inner\.proj": 8}
+    orthoft.save_as_lora(model, tmp_path, 16, progressbar=False)
+    peft_model = peft_from_pretrained(copy.deepcopy(base), tmp_path)
+    assert isinstance(peft_model.base_model.model.inner.fc, nn.Linear)  # not given a LoRA
+    assert peft_model.base_model.model.inner.proj.r["default"] == 8
+    with torch.no_grad():
+        assert relative(peft_model(x), expected) < ROUND_TRIP
