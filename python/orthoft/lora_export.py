@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter_io import PEFT_KEY_PREFIX, PEFT_TASK_TYPES, WEIGHTS_NAME
+from .adapter_io import PEFT_KEY_PREFIX, PEFT_TASK_TYPES, WEIGHTS_NAME, _name_or_path
 from .layers import OrthoftLayer
 from .layers.base import compute_dtype
 from .lora_report import LayerExport, LoraExportReport
@@ -194,7 +194,6 @@ def _lora_config(
     pattern = {keys[path]: layer_rank for path, layer_rank in ranks.items() if layer_rank != rank}
     config = adapter_configs(model)[names[-1]]
     modules_to_save = config.modules_to_save
-    base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -206,7 +205,7 @@ def _lora_config(
         fan_in_fan_out=fan_in_fan_out,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type=task_type,
-        base_model_name_or_path=base_model_name_or_path,
+        base_model_name_or_path=_name_or_path(model),
         inference_mode=True,
     )
 
