@@ -184,7 +184,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "runs")
     parser.add_argument("--quick", action="store_true", help="a hidden-128 model, one round: seconds")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3, --quick 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        # On a shared machine one thread gives stable times: spinning OpenMP threads of other processes
+        # make multi-threaded LAPACK calls vary by 10x from one call to the next.
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rounds = args.rounds or (1 if args.quick else 3)
     results = measure(args.quick, device, rounds)

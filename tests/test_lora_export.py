@@ -434,6 +434,8 @@ def test_unknown_adapter_merged_adapters_and_trained_biases_are_errors() -> None
         orthoft.convert_to_lora(model, 4, adapter_name="other", progressbar=False)
     with pytest.raises(ValueError, match=r"svd must be one of"):
         orthoft.convert_to_lora(model, 4, svd="fast", progressbar=False)
+    with pytest.raises(ValueError, match=r"svd='randomized' needs an int rank, got rank=0.5"):
+        orthoft.convert_to_lora(model, 0.5, svd="randomized", progressbar=False)
     layer = model.get_submodule("model.layers.1.self_attn.q_proj")
     layer.merge()
     before = snapshot(model)

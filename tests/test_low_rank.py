@@ -82,6 +82,8 @@ def test_factorize_picks_the_path_from_the_rank() -> None:
     assert factorize(matrix, 64, "auto", generator).method == "full rank"
     assert factorize(matrix, 1000, "exact", generator).method == "full rank"
     assert factorize(matrix, 1.0, "auto", generator).method == "full rank"
-    assert factorize(matrix, 0.5, "randomized", generator).method == "exact SVD"
+    assert factorize(matrix, 0.5, "auto", generator).method == "exact SVD"
+    with pytest.raises(ValueError, match=r"svd='randomized' needs an int rank"):
+        factorize(matrix, 0.5, "randomized", generator)
     assert factorize(matrix, 40, "auto", generator).method == "exact SVD"
     assert factorize(matrix, 40, "randomized", generator).method == "randomized SVD"

@@ -239,8 +239,8 @@ def convert_to_lora(
             exact). Per-layer ranks go to ``rank_pattern``/``alpha_pattern``; ``lora_alpha`` equals the rank.
         adapter_name: one adapter, a list of adapters composed in that order (as when they are all active),
             or None for the model's active adapters.
-        svd: ``"auto"`` (a randomized SVD for ranks well below full, else exact), ``"exact"`` or
-            ``"randomized"`` (int ranks only; a float rank always takes the exact SVD).
+        svd: ``"auto"`` (a randomized SVD for int ranks up to about an eighth of a layer's full rank,
+            else exact), ``"exact"`` or ``"randomized"`` (int ranks only). At full rank no SVD runs.
         dtype: of the LoRA tensors; default the base weight's (the dequantized one for quantized bases).
         task_type: PEFT's task type for the config (see ``orthoft.save_adapter``).
         progressbar: show a tqdm progress bar over the layers.
@@ -259,6 +259,8 @@ def convert_to_lora(
     _check_rank(rank)
     if svd not in SVD_MODES:
         raise ValueError(f"convert_to_lora: svd must be one of {SVD_MODES}, got {svd!r}")
+    if svd == "randomized" and isinstance(rank, float):
+        raise ValueError(f"convert_to_lora: svd='randomized' needs an int rank, got rank={rank!r}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"convert_to_lora: dtype must be None or a floating torch.dtype, got {dtype!r}")
     if task_type is not None and task_type not in PEFT_TASK_TYPES:

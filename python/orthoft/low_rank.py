@@ -93,10 +93,15 @@ def uses_randomized(rank: int, max_rank: int) -> bool:
 
 def factorize(matrices: torch.Tensor, rank: int | float, svd: str, generator: torch.Generator) -> Factors:
     """Factors of ``matrices`` ``(g, rows, cols)`` at ``rank``: an int (capped at ``min(rows, cols)``, where
-    the factors are exact) or a fraction in (0, 1] of the squared singular values (1.0: exact)."""
+    the factors are exact whatever ``svd`` says) or a fraction in (0, 1] of the squared singular values
+    (1.0: exact; below, the exact SVD: ``svd="randomized"`` is an error)."""
     max_rank = min(matrices.shape[1:])
     if (isinstance(rank, float) and rank == 1.0) or (isinstance(rank, int) and rank >= max_rank):
         return full_rank(matrices)
+    if isinstance(rank, float) and svd == "randomized":
+        raise ValueError(
+            f"svd='randomized' needs an int rank; an energy fraction ({rank}) reads every singular value"
+        )
     if isinstance(rank, float) or svd == "exact":
         return exact(matrices, rank)
     if svd == "randomized" or uses_randomized(rank, max_rank):
