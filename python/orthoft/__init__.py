@@ -23,6 +23,7 @@ from .layers import (  # noqa: E402
     OFTLinear,
     OFTParameter,
 )
+from .lora_export import convert_to_lora, save_as_lora  # noqa: E402
 from .orthogonality import (  # noqa: E402
     OrthogonalityError,
     OrthogonalityWarning,
@@ -62,6 +63,7 @@ __all__ = [
     "active_adapters",
     "build_info",
     "convert_cayley_form",
+    "convert_to_lora",
     "cuda_kernels_available",
     "delete_adapter",
     "disable_adapters",
@@ -75,6 +77,7 @@ __all__ = [
     "print_trainable_parameters",
     "reference",
     "save_adapter",
+    "save_as_lora",
     "set_adapter",
     "set_orthogonality_check",
     "unload",

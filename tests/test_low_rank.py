@@ -1,0 +1,89 @@
+"""The low-rank factorizations behind the export to LoRA, against torch's exact SVD in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orthoft import OFTLinear
+from orthoft.low_rank import energy_rank, exact, factorize, full_rank, randomized, uses_randomized
+
+
+def oft_delta(out: int, features: int, block_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The ``(1, out, in)`` delta ``W R^T - W`` of an OFT layer with a random rotation (a flat spectrum:
+    the hardest case for a randomized SVD)."""
+    layer = OFTLinear(features, out, block_size=block_size, dtype=dtype)
+    with torch.no_grad():
+        layer.oft_R["default"].weight.normal_(0, 0.1)
+        return layer.get_delta_weight().unsqueeze(0)
+
+
+def best_error(matrix: torch.Tensor, rank: int) -> float:
+    """Eckart-Young: the smallest relative error of any rank-``rank`` approximation."""
+    s = torch.linalg.svdvals(matrix)
+    return float(s[..., rank:].square().sum().sqrt() / s.square().sum().sqrt())
+
+
+def error(matrix: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
+    return float((matrix - left @ right).norm() / matrix.norm())
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (5, 3), (4, 4)])
+def test_full_rank_factors_are_exact_without_svd(shape: tuple[int, int]) -> None:
+    matrices = torch.randn(2, *shape, dtype=torch.float64)
+    factors = full_rank(matrices)
+    assert factors.rank == min(shape) and factors.method == "full rank"
+    assert torch.equal(factors.left @ factors.right, matrices)
+
+
+def test_exact_truncation_reaches_the_eckart_young_bound() -> None:
+    matrix = oft_delta(48, 32, 8)
+    for rank in (1, 5, 16):
+        factors = exact(matrix, rank)
+        assert factors.rank == rank
+        assert error(matrix, factors.left, factors.right) == pytest.approx(
+            best_error(matrix, rank), rel=1e-10
+        )
+
+
+def test_energy_rank_keeps_the_fewest_singular_values_holding_the_fraction() -> None:
+    s = torch.tensor([[4.0, 2.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    # Energies 16, 4, 1, 1 of 22: 16/22 = 0.727, 20/22 = 0.909, 21/22 = 0.955. The second row needs one.
+    assert energy_rank(s, 0.7) == 1
+    assert energy_rank(s, 0.8) == 2
+    assert energy_rank(s, 0.95) == 3
+    assert energy_rank(s, 1.0) == 4
+    assert energy_rank(torch.zeros(1, 3), 0.5) == 1
+
+
+def test_randomized_svd_is_within_a_tenth_of_a_percent_of_the_best_error() -> None:
+    matrix = oft_delta(384, 256, 16)
+    generator = torch.Generator().manual_seed(0)
+    for rank in (8, 32):
+        assert uses_randomized(rank, 256)
+        factors = factorize(matrix, rank, "auto", generator)
+        assert factors.method == "randomized SVD" and factors.rank == rank
+        best = best_error(matrix, rank)
+        assert best <= error(matrix, factors.left, factors.right) <= best * 1.001
+
+
+def test_randomized_svd_leaves_the_global_random_state_alone() -> None:
+    matrix = oft_delta(96, 64, 8)
+    state = torch.get_rng_state()
+    first = randomized(matrix, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    second = randomized(matrix, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(first.left, second.left) and torch.equal(first.right, second.right)
+
+
+def test_factorize_picks_the_path_from_the_rank() -> None:
+    matrix = oft_delta(96, 64, 8)
+    generator = torch.Generator().manual_seed(0)
+    assert factorize(matrix, 64, "auto", generator).method == "full rank"
+    assert factorize(matrix, 1000, "exact", generator).method == "full rank"
+    assert factorize(matrix, 1.0, "auto", generator).method == "full rank"
+    assert factorize(matrix, 0.5, "auto", generator).method == "exact SVD"
+    with pytest.raises(ValueError, match=r"svd='randomized' needs an int rank"):
+        factorize(matrix, 0.5, "randomized", generator)
+    assert factorize(matrix, 40, "auto", generator).method == "exact SVD"
+    assert factorize(matrix, 40, "randomized", generator).method == "randomized SVD"
