@@ -7,6 +7,7 @@ from .base import OrthoftLayer
 from .boft import BOFTConv2d, BOFTLinear
 from .embedding import BOFTEmbedding, OFTEmbedding
 from .oft import OFTConv2d, OFTLinear
+from .output_side import LycorisConv2d, LycorisLinear
 from .quantized import register_quantized_kinds
 
 register_quantized_kinds()
@@ -19,6 +20,8 @@ LAYER_CLASSES: tuple[type[OrthoftLayer], ...] = (
     BOFTLinear,
     BOFTConv2d,
     BOFTEmbedding,
+    LycorisLinear,
+    LycorisConv2d,
 )
 
 __all__ = [
@@ -26,6 +29,8 @@ __all__ = [
     "BOFTConv2d",
     "BOFTEmbedding",
     "BOFTLinear",
+    "LycorisConv2d",
+    "LycorisLinear",
     "OFTConv2d",
     "OFTEmbedding",
     "OFTLinear",
