@@ -13,6 +13,7 @@ from . import _build_config, ops, reference  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .config import BOFTConfig, OFTConfig  # noqa: E402
 from .layers import BOFTConv2d, BOFTEmbedding, BOFTLinear, OFTConv2d, OFTEmbedding, OFTLinear  # noqa: E402
+from .lycoris_config import LycorisConfig  # noqa: E402
 from .tuner import (  # noqa: E402
     active_adapters,
     delete_adapter,
@@ -32,6 +33,7 @@ __all__ = [
     "BOFTConv2d",
     "BOFTEmbedding",
     "BOFTLinear",
+    "LycorisConfig",
     "OFTConfig",
     "OFTConv2d",
     "OFTEmbedding",
