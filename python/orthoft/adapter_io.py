@@ -267,7 +267,8 @@ def load_adapter(
     ``prefix`` (``orthoft.lycoris_files.load_lycoris``).
     """
     if is_lycoris_file(path):
-        return load_lycoris(model, path, adapter_name, prefix=prefix)
+        load_lycoris(model, path, adapter_name, prefix=prefix)
+        return model
     directory = Path(path)
     with open(directory / CONFIG_NAME, encoding="utf-8") as file:
         data = json.load(file)

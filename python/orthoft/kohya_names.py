@@ -5,7 +5,8 @@ paths, ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` for diffusers'
 ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``. ``ldm_unet_path`` maps one to the other
 from the UNet's config, following the layout that diffusers' single-file converter reads
 (``diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint``; the tests check them against it).
-Text encoders keep their transformers paths.
+Text encoders keep their transformers paths as the checkpoints have them: ``text_model.encoder.layers.0...``
+for CLIP, also where transformers' ``CLIPTextModel`` holds its parts directly (``encoder.layers.0...``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["is_unet", "ldm_unet_path", "uses_ldm_names"]
+__all__ = ["is_unet", "ldm_unet_path", "text_encoder_path", "uses_ldm_names"]
 
 # diffusers' resnet parts -> the LDM ResBlock's.
 _RESNET_PARTS = {
@@ -85,3 +86,9 @@ def ldm_unet_path(path: str, config: Any) -> str | None:
         with_attention = "CrossAttn" in config.up_block_types[block]
         return f"output_blocks.{block * stride + per_block}.{2 if with_attention else 1}.conv"
     return None
+
+
+def text_encoder_path(model: Any, path: str) -> str:
+    """The path of a text encoder's module as kohya's files name it: CLIP's under ``text_model.``."""
+    flattened_clip = type(model).__name__.startswith("CLIPTextModel") and not hasattr(model, "text_model")
+    return f"text_model.{path}" if flattened_clip else path

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .kohya_names import is_unet, ldm_unet_path, uses_ldm_names
+from .kohya_names import is_unet, ldm_unet_path, text_encoder_path, uses_ldm_names
 from .layers.kinds import kind_of
 from .layers.output_side import LycorisLayer
 from .lycoris_config import LycorisConfig
@@ -54,7 +54,12 @@ def module_names(model: nn.Module, prefix: str) -> dict[str, str]:
         base = module.base_layer if isinstance(module, LycorisLayer) else module
         if not path or kind_of(base) is None or ".base_layer" in f".{path}":
             continue
-        named = ldm_unet_path(path, model.config) if ldm else path
+        if ldm:
+            named = ldm_unet_path(path, model.config)
+        elif prefix.startswith("lora_te"):
+            named = text_encoder_path(model, path)
+        else:
+            named = path
         if named is not None:
             names[f"{prefix}_{named.replace('.', '_')}"] = path
     return names
@@ -163,66 +168,95 @@ def _options(name: str, parts: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def _matched(model: nn.Module, names: list[str], prefix: str | None) -> tuple[dict[str, str], str]:
-    """File name -> module path for the names of the file that ``model`` holds, and the prefix used."""
+def _prefix_of(model: nn.Module, names: list[str]) -> str:
+    """The prefix under which ``model``'s names appear in a file with ``names``, when not given."""
     found = sorted({prefix for prefix in _PREFIXES if any(name.startswith(f"{prefix}_") for name in names)})
-    if prefix is None:
-        if "lycoris" in found:
-            candidates = ["lycoris"]
-        elif is_unet(model):
-            candidates = ["lora_unet"]
-        else:
-            candidates = [p for p in found if p.startswith("lora_te")]
-        if len(candidates) != 1:
-            raise ValueError(
-                f"Cannot tell which names of the file belong to {type(model).__name__}: its names start with "
-                f"{found or sorted({n.split('_')[0] for n in names})}; "
-                f"pass prefix= (one of {list(_PREFIXES)})."
-            )
-        prefix = candidates[0]
-    known = module_names(model, prefix)
-    return {name: known[name] for name in names if name in known}, prefix
+    if "lycoris" in found:
+        return "lycoris"
+    if is_unet(model):
+        return "lora_unet"
+    candidates = [prefix for prefix in found if prefix.startswith("lora_te")]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"Cannot tell which names of the file belong to {type(model).__name__}: its names start with "
+            f"{found or sorted({name.split('_')[0] for name in names})}; "
+            f"pass prefix= (one of {list(_PREFIXES)}) or a mapping prefix -> model."
+        )
+    return candidates[0]
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
 
 
 def load_lycoris(
-    model: nn.Module,
+    models: nn.Module | Mapping[str, nn.Module],
     path: str | os.PathLike[str],
     adapter_name: str = "default",
     *,
     prefix: str | None = None,
-) -> nn.Module:
-    """Add the diag-OFT/BOFT adapters of the LyCORIS or kohya file ``path`` to ``model`` as ``adapter_name``.
+) -> nn.Module | Mapping[str, nn.Module]:
+    """Add the diag-OFT/BOFT adapters of the LyCORIS or kohya file ``path`` to ``models`` as ``adapter_name``.
 
-    Names are read under ``prefix`` (default: ``lycoris`` if the file has it, else ``lora_unet`` for a
-    diffusers UNet, else the file's one ``lora_te*`` prefix). Names that match no module of ``model`` are
-    skipped with a warning listing them; a key of another algorithm, a misshapen tensor or a file matching
-    no module is a ``ValueError``, and the model is left unchanged.
+    ``models`` is one model, whose names are read under ``prefix`` (default: ``lycoris`` if the file has
+    it, else ``lora_unet`` for a diffusers UNet, else the file's one ``lora_te*`` prefix), or a mapping
+    prefix -> model (``{"lora_unet": unet, "lora_te": text_encoder}``). Names under those prefixes that
+    match no module are skipped with a warning listing them (names under other prefixes belong to other
+    models); a key of another algorithm, a misshapen tensor or a file matching no module is a
+    ``ValueError``, and the models are left unchanged.
     """
     source = os.fspath(path)
     grouped = _group(load_file(source), source)
-    matched, prefix = _matched(model, list(grouped), prefix)
-    if not matched:
-        shown = ", ".join(sorted(grouped)[:5])
+    if isinstance(models, nn.Module):
+        parts = {prefix or _prefix_of(models, list(grouped)): models}
+    else:
+        parts = _models(models, "kohya")
+    matched = {}
+    for part_prefix, model in parts.items():
+        known = module_names(model, part_prefix)
+        matched[part_prefix] = {name: known[name] for name in grouped if name in known}
+    if not any(matched.values()):
+        expected = {p: next(iter(module_names(m, p)), "none") for p, m in parts.items()}
         raise ValueError(
-            f"{source}: no module name matches {type(model).__name__} under prefix {prefix!r} (file names: "
-            f"{shown}, ...; expected e.g. {next(iter(module_names(model, prefix)), 'none')!r}). "
-            "The model is unchanged."
+            f"{source}: no module name matches under prefixes {list(parts)} (file names: "
+            f"{_listed(sorted(grouped))}; expected names such as {expected}). The model is unchanged."
         )
-    unmatched = sorted(set(grouped) - set(matched))
+    loaded = {name for names in matched.values() for name in names}
+    unmatched = sorted(
+        name for name in set(grouped) - loaded if name.startswith(tuple(f"{p}_" for p in parts))
+    )
     if unmatched:
-        shown = ", ".join(unmatched[:20]) + (
-            f", ... ({len(unmatched)} in all)" if len(unmatched) > 20 else ""
-        )
+        owners = ", ".join(type(model).__name__ for model in parts.values())
         warnings.warn(
-            f"{source}: {len(unmatched)} modules match nothing in {type(model).__name__}: {shown}",
+            f"{source}: {len(unmatched)} modules match nothing in {owners}: {_listed(unmatched)}",
             stacklevel=3,
         )
+    done: list[nn.Module] = []
+    try:
+        for part_prefix, model in parts.items():
+            if matched[part_prefix]:
+                _load_into(model, grouped, matched[part_prefix], adapter_name, source)
+                done.append(model)
+    except BaseException:
+        for model in done:
+            delete_adapter(model, adapter_name)
+        raise
+    return models
+
+
+def _load_into(
+    model: nn.Module,
+    grouped: dict[str, dict[str, torch.Tensor]],
+    matched: dict[str, str],
+    adapter_name: str,
+    source: str,
+) -> None:
+    """One model's adapters, built from the options the file implies per module, then its tensors."""
     overrides = {module_path: _options(name, grouped[name]) for name, module_path in matched.items()}
-    first = next(iter(overrides.values()))
     config = LycorisConfig(
         target_modules="|".join(_escaped(module_path) for module_path in overrides),
         layer_overrides=overrides,
-        **first,
+        **next(iter(overrides.values())),
     )
     try:
         get_orthoft_model(model, config, adapter_name)
@@ -233,7 +267,6 @@ def load_lycoris(
     except BaseException:
         delete_adapter(model, adapter_name)
         raise
-    return model
 
 
 def _escaped(module_path: str) -> str:
