@@ -175,3 +175,19 @@ def test_unsplittable_size_names_the_layer_and_valid_sizes() -> None:
         LycorisLinear(4, 24, algo="lora")
     with pytest.raises(ValueError, match=r"cannot split out_features=13"):
         LycorisLinear(4, 13, block_size=4)
+
+
+@pytest.mark.parametrize("algo", ["diag-oft", "boft"])
+@pytest.mark.parametrize("base_name", list(BASES))
+def test_device_matches_cpu(device: str, algo: str, base_name: str) -> None:
+    make, shape = BASES[base_name]
+    layer_cls = LycorisLinear if base_name == "linear" else LycorisConv2d
+    layer = layer_cls.from_module(make(), algo=algo, block_size=2, rescaled=True, init_weights=False)
+    moved = copy.deepcopy(layer).to(device)
+    x = torch.randn(shape)
+    out, moved_out = layer(x), moved(x.to(device))
+    torch.testing.assert_close(moved_out.cpu(), out, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    moved_out.square().sum().backward()
+    grad, moved_grad = layer.lycoris["default"].oft_blocks.grad, moved.lycoris["default"].oft_blocks.grad
+    torch.testing.assert_close(moved_grad.cpu(), grad, atol=1e-4, rtol=1e-4)

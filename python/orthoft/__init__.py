@@ -12,7 +12,16 @@ check_torch_compatibility()
 from . import _build_config, ops, reference  # noqa: E402
 from .adapter_io import load_adapter, save_adapter  # noqa: E402
 from .config import BOFTConfig, OFTConfig  # noqa: E402
-from .layers import BOFTConv2d, BOFTEmbedding, BOFTLinear, OFTConv2d, OFTEmbedding, OFTLinear  # noqa: E402
+from .layers import (  # noqa: E402
+    BOFTConv2d,
+    BOFTEmbedding,
+    BOFTLinear,
+    LycorisConv2d,
+    LycorisLinear,
+    OFTConv2d,
+    OFTEmbedding,
+    OFTLinear,
+)
 from .lycoris_config import LycorisConfig  # noqa: E402
 from .tuner import (  # noqa: E402
     active_adapters,
@@ -34,6 +43,8 @@ __all__ = [
     "BOFTEmbedding",
     "BOFTLinear",
     "LycorisConfig",
+    "LycorisConv2d",
+    "LycorisLinear",
     "OFTConfig",
     "OFTConv2d",
     "OFTEmbedding",
