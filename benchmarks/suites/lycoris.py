@@ -77,7 +77,7 @@ def _unet(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.
     from diffusers import UNet2DConditionModel
 
     channels = tuple(spec["channels"])
-    return UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=spec["side"],
         in_channels=4,
         out_channels=4,
@@ -88,7 +88,9 @@ def _unet(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.
         cross_attention_dim=channels[0],
         attention_head_dim=8,
         norm_num_groups=8,
-    ).to(device, dtype)
+    ).to(device)
+    # diffusers warns on any dtype cast; float32 is what it is built in.
+    return unet if dtype == torch.float32 else unet.to(dtype)
 
 
 def _adaptable_paths(model: nn.Module) -> list[str]:

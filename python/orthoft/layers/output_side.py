@@ -123,6 +123,10 @@ class LycorisLayer(OrthoftLayer):
         """``y @ A^T`` on the output features of ``y``."""
         raise NotImplementedError
 
+    def _times_scale(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``y * scale`` on the output features."""
+        raise NotImplementedError
+
     def _finish(self, y: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """``y * scale + bias`` on the output features."""
         raise NotImplementedError
@@ -132,15 +136,12 @@ class LycorisLayer(OrthoftLayer):
         scale: torch.Tensor | None = None
         for name in adapter_names:
             if scale is not None:  # an earlier adapter's rescale comes before this one's rotation
-                y = self._finish_without_bias(y, scale)
+                y = self._times_scale(y, scale)
             factors, block_size = self._rotation_factors(name, self.training)
             y = self._rotate_outputs(y, factors.to(y.dtype), block_size)
             scale = self._output_scale(name)
             scale = None if scale is None else scale.to(y.dtype)
         return self._finish(y, scale)
-
-    def _finish_without_bias(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class LycorisLinear(LycorisLayer, LinearLayer):
@@ -158,7 +159,7 @@ class LycorisLinear(LycorisLayer, LinearLayer):
     def _rotate_outputs(self, y: torch.Tensor, factors: torch.Tensor, block_size: int) -> torch.Tensor:
         return times_transposed(y, factors, block_size)
 
-    def _finish_without_bias(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _times_scale(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return y * scale
 
     def _finish(self, y: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -193,7 +194,7 @@ class LycorisConv2d(LycorisLayer, Conv2dLayer):
         """``values`` ``(out,)`` shaped to broadcast over the channels of ``y``."""
         return values.reshape(-1, 1, 1)
 
-    def _finish_without_bias(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _times_scale(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return y * self._channels(y, scale)
 
     def _finish(self, y: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
