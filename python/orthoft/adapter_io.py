@@ -167,8 +167,8 @@ def save_adapter(
     call this on every rank (sharded tensors are gathered) and pass ``is_main_process`` True on one.
 
     ``format="lycoris"`` or ``"kohya"`` (the default for a ``LycorisConfig`` adapter: ``"lycoris"``) writes
-    the one safetensors file ``path`` that LyCORIS, kohya's scripts, ComfyUI and A1111/Forge read; ``model``
-    may then be a mapping prefix -> model (``orthoft.lycoris_files.save_lycoris``).
+    the one safetensors file ``path`` in LyCORIS's or kohya's naming, as the diffusion tools load it (see
+    README); ``model`` may then be a mapping prefix -> model (``orthoft.lycoris_files.save_lycoris``).
     """
     if format is None and isinstance(model, nn.Module):
         format = "lycoris" if isinstance(adapter_configs(model).get(adapter_name), LycorisConfig) else "peft"
