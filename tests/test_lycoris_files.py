@@ -159,3 +159,27 @@ def test_peft_format_refuses_a_lycoris_adapter(tmp_path: Path) -> None:
         orthoft.save_adapter(model, tmp_path / "dir", format="peft")
     with pytest.raises(ValueError, match=r"`bias` must be 'none'"):
         orthoft.LycorisConfig(target_modules=["fc1"], bias="all")
+
+
+def test_two_files_load_as_two_adapters(tmp_path: Path) -> None:
+    base = SmallNet()
+    x, image = small_inputs()
+    paths = []
+    outputs = []
+    for algo in ("diag-oft", "boft"):
+        config = orthoft.LycorisConfig(
+            algo=algo, target_modules=["fc1", "conv"], block_size=4, init_weights=False
+        )
+        model = orthoft.get_orthoft_model(copy.deepcopy(base), config)
+        paths.append(tmp_path / f"{algo}.safetensors")
+        orthoft.save_adapter(model, paths[-1])
+        outputs.append(model(x, image).detach())
+    model = copy.deepcopy(base)
+    orthoft.load_adapter(model, paths[0], adapter_name="first")
+    orthoft.load_adapter(model, paths[1], adapter_name="second")
+    assert orthoft.active_adapters(model) == ["first"]
+    torch.testing.assert_close(model(x, image), outputs[0], atol=1e-6, rtol=1e-6)
+    orthoft.set_adapter(model, "second")
+    torch.testing.assert_close(model(x, image), outputs[1], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"already has an adapter named 'second'"):
+        orthoft.load_adapter(model, paths[0], adapter_name="second")
