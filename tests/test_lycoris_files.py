@@ -52,7 +52,12 @@ def test_small_net_round_trip(tmp_path: Path, algo: str, constraint: float, resc
     trained, network = lycoris_trained(base, run, **options)
     network.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, None)
 
+    low_memory = orthoft.load_adapter(
+        copy.deepcopy(base), tmp_path / "lycoris.safetensors", low_cpu_mem_usage=True
+    )
     model = orthoft.load_adapter(copy.deepcopy(base), tmp_path / "lycoris.safetensors")
+    assert not any(p.is_meta for p in low_memory.parameters())
+    torch.testing.assert_close(run(low_memory), run(model), atol=0, rtol=0)
     assert isinstance(model.fc1, LycorisLinear) and isinstance(model.conv, LycorisConv2d)
     assert not torch.allclose(run(trained), run(base), atol=1e-3)  # LyCORIS's training moved it
     _close(run(model), run(trained))

@@ -267,7 +267,7 @@ def load_adapter(
     ``prefix`` (``orthoft.lycoris_files.load_lycoris``).
     """
     if is_lycoris_file(path):
-        load_lycoris(model, path, adapter_name, prefix=prefix)
+        load_lycoris(model, path, adapter_name, prefix=prefix, low_cpu_mem_usage=low_cpu_mem_usage)
         return model
     directory = Path(path)
     with open(directory / CONFIG_NAME, encoding="utf-8") as file:

@@ -195,6 +195,7 @@ def load_lycoris(
     adapter_name: str = "default",
     *,
     prefix: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> nn.Module | Mapping[str, nn.Module]:
     """Add the diag-OFT/BOFT adapters of the LyCORIS or kohya file ``path`` to ``models`` as ``adapter_name``.
 
@@ -203,7 +204,8 @@ def load_lycoris(
     prefix -> model (``{"lora_unet": unet, "lora_te": text_encoder}``). Names under those prefixes that
     match no module are skipped with a warning listing them (names under other prefixes belong to other
     models); a key of another algorithm, a misshapen tensor or a file matching no module is a
-    ``ValueError``, and the models are left unchanged.
+    ``ValueError``, and the models are left unchanged. With ``low_cpu_mem_usage`` the adapter tensors are
+    not created before the loaded ones take their place.
     """
     source = os.fspath(path)
     grouped = _group(load_file(source), source)
@@ -235,7 +237,7 @@ def load_lycoris(
     try:
         for part_prefix, model in parts.items():
             if matched[part_prefix]:
-                _load_into(model, grouped, matched[part_prefix], adapter_name, source)
+                _load_into(model, grouped, matched[part_prefix], adapter_name, source, low_cpu_mem_usage)
                 done.append(model)
     except BaseException:
         for model in done:
@@ -250,6 +252,7 @@ def _load_into(
     matched: dict[str, str],
     adapter_name: str,
     source: str,
+    low_cpu_mem_usage: bool,
 ) -> None:
     """One model's adapters, built from the options the file implies per module, then its tensors."""
     overrides = {module_path: _options(name, grouped[name]) for name, module_path in matched.items()}
@@ -259,7 +262,7 @@ def _load_into(
         **next(iter(overrides.values())),
     )
     try:
-        get_orthoft_model(model, config, adapter_name)
+        get_orthoft_model(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
     try:
