@@ -173,6 +173,10 @@ class LycorisConv2d(LycorisLayer, Conv2dLayer):
     """``nn.Conv2d`` with LyCORIS diag-OFT/BOFT on its output channels: the frozen convolution without its
     bias, then ``A`` on the channels at every pixel (``channel_blocks``), ``rescale``, the bias."""
 
+    def _dims_repr(self) -> str:
+        channels = f"in_channels={self.in_channels}, out_channels={self.out_channels}"
+        return f"{channels}, kernel_size={self.kernel_size}"
+
     def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(self.out_channels, -1)
 
