@@ -19,7 +19,7 @@ from torch import nn
 import orthoft
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SUITES = {"block_diag", "cayley", "butterfly", "layer", "conv", "model", "moe"}
+SUITES = {"block_diag", "cayley", "butterfly", "layer", "conv", "model", "moe", "lycoris"}
 MIB = 2**20
 
 

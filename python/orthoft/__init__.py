@@ -18,12 +18,15 @@ from .layers import (  # noqa: E402
     BOFTEmbedding,
     BOFTLinear,
     BOFTParameter,
+    LycorisConv2d,
+    LycorisLinear,
     OFTConv2d,
     OFTEmbedding,
     OFTLinear,
     OFTParameter,
 )
 from .lora_export import convert_to_lora, save_as_lora  # noqa: E402
+from .lycoris_config import LycorisConfig  # noqa: E402
 from .orthogonality import (  # noqa: E402
     OrthogonalityError,
     OrthogonalityWarning,
@@ -51,6 +54,9 @@ __all__ = [
     "BOFTEmbedding",
     "BOFTLinear",
     "BOFTParameter",
+    "LycorisConfig",
+    "LycorisConv2d",
+    "LycorisLinear",
     "OFTConfig",
     "OFTConv2d",
     "OFTEmbedding",

@@ -29,6 +29,8 @@ from torch import nn
 from .adapter_checks import check_loaded_tensors, config_from_file, naming_file, read_config, read_tensors
 from .config import OrthoftConfig
 from .layers.base import check_tensors_fit
+from .lycoris_config import LycorisConfig
+from .lycoris_files import LYCORIS_FORMATS, is_lycoris_file, load_lycoris, save_lycoris
 from .tuner import _check_adapter_name as check_new_adapter_name
 from .tuner import (
     adapter_configs,
@@ -159,6 +161,7 @@ def save_adapter(
     path: str | os.PathLike[str],
     adapter_name: str = "default",
     *,
+    format: str | None = None,
     task_type: str | None = None,
     is_main_process: bool = True,
 ) -> None:
@@ -168,10 +171,27 @@ def save_adapter(
 
     ``task_type`` is PEFT's (one of ``PEFT_TASK_TYPES``), or None for a plain ``PeftModel``. With FSDP2
     call this on every rank (sharded tensors are gathered) and pass ``is_main_process`` True on one.
+
+    ``format="lycoris"`` or ``"kohya"`` (the default for a ``LycorisConfig`` adapter: ``"lycoris"``) writes
+    the one safetensors file ``path`` in LyCORIS's or kohya's naming, as the diffusion tools load it (see
+    README); ``model`` may then be a mapping prefix -> model (``orthoft.lycoris_files.save_lycoris``).
     """
+    if format is None and isinstance(model, nn.Module):
+        format = "lycoris" if isinstance(adapter_configs(model).get(adapter_name), LycorisConfig) else "peft"
+    if format in LYCORIS_FORMATS:
+        if is_main_process:
+            save_lycoris(model, path, adapter_name, format)
+        return
+    if format not in (None, "peft"):
+        raise ValueError(f"format must be 'peft' or one of {LYCORIS_FORMATS}, got {format!r}.")
     if task_type is not None and task_type not in PEFT_TASK_TYPES:
         raise ValueError(f"task_type must be None or one of {PEFT_TASK_TYPES}, got {task_type!r}.")
     config = _config_of(model, adapter_name)
+    if isinstance(config, LycorisConfig):
+        raise ValueError(
+            f"Adapter {adapter_name!r} is a LycorisConfig one, which PEFT cannot read; save it with "
+            "format='lycoris' or 'kohya'."
+        )
     tensors = adapter_state_dict(model, adapter_name)
     if config.bias == "all":
         tensors = {**_untrained_peft_biases(model, adapter_name), **tensors}
@@ -260,6 +280,7 @@ def load_adapter(
     *,
     low_cpu_mem_usage: bool = False,
     allow_non_finite: bool = False,
+    prefix: str | None = None,
 ) -> nn.Module:
     """Add the adapter saved in ``path`` (by orthoft or PEFT) to ``model`` as ``adapter_name``; returns it.
 
@@ -269,7 +290,13 @@ def load_adapter(
     take their place. Damaged files, tensors of a non-float dtype and NaN or Inf values are errors
     naming the file and the field or tensor (see ``adapter_checks``); ``allow_non_finite=True`` loads
     NaN and Inf values anyway, to inspect a diverged adapter.
+
+    A ``.safetensors`` file is read as a LyCORIS or kohya file of diag-OFT/BOFT adapters, its names under
+    ``prefix`` (``orthoft.lycoris_files.load_lycoris``).
     """
+    if is_lycoris_file(path):
+        load_lycoris(model, path, adapter_name, prefix=prefix, low_cpu_mem_usage=low_cpu_mem_usage)
+        return model
     directory = Path(path)
     check_new_adapter_name(model, adapter_name)  # not the files' fault: said before reading them
     data = read_config(directory / CONFIG_NAME)

@@ -126,6 +126,10 @@ class OrthoftConfig:
         """Keyword options of the orthoft layers (PEFT's field names without the prefix)."""
         return {field.name: getattr(self, peft_field) for field, peft_field in self.options_class.declared()}
 
+    def options_for(self, path: str) -> dict[str, Any]:
+        """The keyword options of the layer at module path ``path`` (the same for every layer here)."""
+        return self.layer_options()
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary, with ``peft_type`` saying which method it configures."""
         out: dict[str, Any] = {"peft_type": self.peft_type}

@@ -412,7 +412,6 @@ def get_orthoft_model(
     if state is None:
         state = _AdapterState({}, [], {name: p.requires_grad for name, p in model.named_parameters()})
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    options = config.layer_options()
     extended: list[OrthoftLayer] = []
     replacements: dict[int, nn.Module] = {}
     try:
@@ -420,7 +419,10 @@ def get_orthoft_model(
             if isinstance(module, OrthoftLayer):
                 if module not in extended:
                     module.add_adapter(
-                        adapter_name, layer_name=path, low_cpu_mem_usage=low_cpu_mem_usage, **options
+                        adapter_name,
+                        layer_name=path,
+                        low_cpu_mem_usage=low_cpu_mem_usage,
+                        **config.options_for(path),
                     )
                     extended.append(module)
             elif id(module) not in replacements:
@@ -430,7 +432,7 @@ def get_orthoft_model(
                     adapter_name=adapter_name,
                     layer_name=path,
                     low_cpu_mem_usage=low_cpu_mem_usage,
-                    **options,
+                    **config.options_for(path),
                 )
         parameter_installs = add_parameter_adapters(
             parameter_targets, config, adapter_name, low_cpu_mem_usage

@@ -7,6 +7,7 @@ from .base import OrthoftLayer
 from .boft import BOFTConv2d, BOFTLinear
 from .embedding import BOFTEmbedding, OFTEmbedding
 from .oft import OFTConv2d, OFTLinear
+from .output_side import LycorisConv2d, LycorisLinear
 from .parameter import BOFTParameter, OFTParameter
 from .quantized import register_quantized_kinds
 
@@ -20,6 +21,8 @@ LAYER_CLASSES: tuple[type[OrthoftLayer], ...] = (
     BOFTLinear,
     BOFTConv2d,
     BOFTEmbedding,
+    LycorisLinear,
+    LycorisConv2d,
 )
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "BOFTEmbedding",
     "BOFTLinear",
     "BOFTParameter",
+    "LycorisConv2d",
+    "LycorisLinear",
     "OFTConv2d",
     "OFTEmbedding",
     "OFTLinear",

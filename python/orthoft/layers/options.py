@@ -102,8 +102,9 @@ class AdapterOptions:
 
     # The PEFT ``peft_type`` of the method these options configure.
     peft_type: ClassVar[str]
-    # The pair of options of which exactly one is non-zero; the other follows from the rotation size.
-    size_pair: ClassVar[tuple[str, str]]
+    # The pair of options of which exactly one is non-zero; the other follows from the rotation size
+    # (None: the method sizes its blocks from one option).
+    size_pair: ClassVar[tuple[str, str] | None]
 
     def __str__(self) -> str:
         return ", ".join(f"{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self))
@@ -137,6 +138,8 @@ class AdapterOptions:
             if isinstance(result, Invalid):
                 raise owner.error(field.name, value, result.requirement)
             checked[field.name] = result
+        if cls.size_pair is None:
+            return cls(**checked)
         a, b = cls.size_pair
         if (checked[a] == 0) == (checked[b] == 0):
             if owner.config_of is None:
