@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from peft_support import peft_oft_conv_is_exact
-from suites import block_diag, butterfly, cayley, conv, layer, model
+from suites import block_diag, butterfly, cayley, conv, layer, model, moe
+from suites import lycoris as lycoris_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -51,9 +52,29 @@ class Results:
                     out.append(mine["median_seconds"] / theirs["median_seconds"])
         return out
 
+    def at(self, suite: str, shape: str, competitor: str, other: str) -> float | None:
+        """``competitor``'s time over ``other``'s on ``shape``, if both were measured there."""
+        ratios = [
+            mine["median_seconds"] / theirs["median_seconds"]
+            for mine in self.rows_of(suite, competitor)
+            for theirs in self.rows_of(suite, other)
+            if mine["shape"] == theirs["shape"] == shape
+            and mine["median_seconds"]
+            and theirs["median_seconds"]
+        ]
+        return ratios[0] if ratios else None
+
+    def shapes(self, suite: str) -> list[str]:
+        return list(dict.fromkeys(r["shape"] for r in self.rows if r["suite"] == suite))
+
     def one(self, suite: str, competitor: str, other: str) -> float | None:
         ratios = self.time_ratios(suite, competitor, other)
         return ratios[0] if len(ratios) == 1 else None
+
+    def peak_at(self, suite: str, shape: str, competitor: str) -> float | None:
+        rows = [r for r in self.rows_of(suite, competitor) if r["shape"] == shape]
+        peak = rows[0].get("peak_bytes") if rows else None
+        return None if peak is None else peak / 2**20
 
     def peak_mib(self, suite: str, competitor: str) -> float | None:
         rows = self.rows_of(suite, competitor)
@@ -168,7 +189,45 @@ def _conv(res: Results) -> str | None:
     )
 
 
-_SECTIONS: list[Callable[[Results], str | None]] = [_model, _layer, _conv, _operators]
+def _lycoris(res: Results) -> str | None:
+    parts = []
+    for shape in res.shapes("lycoris"):
+        figures = []
+        for algo, b in (("diag-oft", 32), ("boft", 8)):
+            ours = res.at("lycoris", shape, lycoris_suite.orthoft_label(algo, b), lycoris_suite.FROZEN)
+            bypass = lycoris_suite.lycoris_label(algo, b, "bypass")
+            theirs = res.at("lycoris", shape, bypass, lycoris_suite.FROZEN)
+            if ours is None or theirs is None:
+                return None
+            figures.append(f"{lycoris_suite.ALGORITHMS[algo]} b={b} {x(ours)} (LyCORIS: {x(theirs)})")
+        parts.append(f"{shape}: " + ", ".join(figures))
+    if not parts:
+        return None
+    return (
+        "LyCORIS's output-side OFT, one training step, time over the frozen model, orthoft against "
+        "LyCORIS's own modules in bypass mode: " + "; ".join(parts) + "."
+    )
+
+
+def _moe(res: Results) -> str | None:
+    parts = []
+    for shape in res.shapes("moe"):
+        figures = []
+        for name in (moe.ORTHOFT_OFT, moe.ORTHOFT_BOFT, moe.PEFT_LORA):
+            ratio, peak = res.at("moe", shape, name, moe.FROZEN), res.peak_at("moe", shape, name)
+            if ratio is None or peak is None:
+                return None
+            figures.append(f"{name} {x(ratio)}, {peak:.0f} MiB")
+        parts.append(f"{shape}: " + "; ".join(figures))
+    if not parts:
+        return None
+    return (
+        "A training step of a Qwen3-MoE decoder with adapters on every expert weight "
+        "(`target_parameters`), time over the frozen model and peak memory: " + " | ".join(parts) + "."
+    )
+
+
+_SECTIONS: list[Callable[[Results], str | None]] = [_model, _moe, _layer, _conv, _lycoris, _operators]
 
 
 def summary(data: dict[str, Any], name: str) -> str:

@@ -14,6 +14,7 @@ from typing import Literal
 from cases import Case, Size
 from outcomes import Ratio, Result, find, memory_ratio, time_ratio
 from suites import block_diag, butterfly, cayley, conv, layer, model
+from suites import lycoris as lycoris_suite
 
 Metric = Literal["time", "memory"]
 
@@ -142,15 +143,31 @@ def _cuda(size: Size) -> list[Target]:
     return out
 
 
+def _lycoris(device: str, size: Size) -> list[Target]:
+    """The output-side layers against LyCORIS's own modules in bypass mode (its fastest on CPU; on a GPU,
+    its fused kernels): diag-OFT no slower, BOFT at least 2x faster."""
+    diag, boft = lycoris_suite.BLOCK_SIZES[size]
+    out = []
+    for shape in (lycoris_suite.linear_shape(1024, 2048), lycoris_suite.unet_shape(size)):
+        where = Where(device, "float32", "lycoris", shape)
+        for algo, b, limit, at_most in (("diag-oft", diag, 1.0, True), ("boft", boft, 2.0, False)):
+            ours, theirs = (
+                lycoris_suite.orthoft_label(algo, b),
+                lycoris_suite.lycoris_label(algo, b, "bypass"),
+            )
+            out.append(Target(where, ours, theirs, limit, at_most=at_most))
+    return out
+
+
 def targets_for(device: str, size: Size) -> list[Target]:
     """The targets of a run of ``size`` on ``device``, on the shapes that run measures. The smoke run only
     checks the harness: its shapes are too small to say anything, so it has none."""
     if size == "smoke":
         return []
     if device == "cuda":
-        return _cuda(size)
+        return _cuda(size) + _lycoris(device, size)
     makers = (_cpu_block_diag, _cpu_cayley, _cpu_layer, _cpu_conv, _cpu_model)
-    return [t for make in makers for t in make(size)]
+    return [t for make in makers for t in make(size)] + _lycoris(device, size)
 
 
 def _ratio(target: Target, ours: Result, other: Result) -> Ratio | None:

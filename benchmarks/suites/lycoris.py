@@ -31,6 +31,27 @@ BLOCK_SIZES = {"smoke": (8, 4), "quick": (32, 8), "full": (32, 8)}
 UNET_SLICES = {"smoke": ((32, 64), 8, 1), "quick": ((64, 128), 16, 2), "full": ((128, 256), 16, 2)}
 
 
+ALGORITHMS = {"diag-oft": "diag-OFT", "boft": "BOFT"}
+
+
+def orthoft_label(algo: str, block_size: int) -> str:
+    return f"orthoft {ALGORITHMS[algo]} b={block_size}"
+
+
+def lycoris_label(algo: str, block_size: int, mode: str) -> str:
+    """``mode``: ``"bypass"`` or ``"weight mode"``."""
+    return f"LyCORIS {ALGORITHMS[algo]} b={block_size} {mode}"
+
+
+def linear_shape(width: int, tokens: int) -> str:
+    return f"Linear in=out={width}, {tokens} tokens"
+
+
+def unet_shape(size: str) -> str:
+    channels, side, batch = UNET_SLICES[size]
+    return f"UNet slice channels={channels}, {side}x{side} latents, batch {batch}"
+
+
 def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -40,11 +61,10 @@ def _competitors(settings: Settings) -> list[tuple[str, dict[str, Any], str | No
     lycoris_skip = None if _available("lycoris") else LYCORIS_MISSING
     out: list[tuple[str, dict[str, Any], str | None]] = [(FROZEN, {"kind": "frozen"}, None)]
     for algo, block_size in (("diag-oft", diag), ("boft", boft)):
-        name = "diag-OFT" if algo == "diag-oft" else "BOFT"
         spec = {"algo": algo, "block_size": block_size}
-        out.append((f"orthoft {name} b={block_size}", {**spec, "kind": "orthoft"}, None))
-        out.append((f"LyCORIS {name} b={block_size} bypass", {**spec, "kind": "bypass"}, lycoris_skip))
-        out.append((f"LyCORIS {name} b={block_size} weight mode", {**spec, "kind": "weight"}, lycoris_skip))
+        out.append((orthoft_label(algo, block_size), {**spec, "kind": "orthoft"}, None))
+        out.append((lycoris_label(algo, block_size, "bypass"), {**spec, "kind": "bypass"}, lycoris_skip))
+        out.append((lycoris_label(algo, block_size, "weight mode"), {**spec, "kind": "weight"}, lycoris_skip))
     return out
 
 
@@ -60,12 +80,12 @@ def cases(settings: Settings) -> list[Case]:
     features, tokens = _linear_sizes(settings)
     for width in features:
         for count in tokens:
-            shape = f"Linear in=out={width}, {count} tokens"
+            shape = linear_shape(width, count)
             for competitor, spec, skip in _competitors(settings):
                 spec = {**spec, "model": "linear", "features": width, "tokens": count}
                 out.append(Case("lycoris", shape, competitor, FROZEN, dtype, spec, skip))
     channels, side, batch = UNET_SLICES[settings.size]
-    shape = f"UNet slice channels={channels}, {side}x{side} latents, batch {batch}"
+    shape = unet_shape(settings.size)
     diffusers_skip = None if _available("diffusers") else DIFFUSERS_MISSING
     for competitor, spec, skip in _competitors(settings):
         spec = {**spec, "model": "unet", "channels": list(channels), "side": side, "batch": batch}
