@@ -164,6 +164,8 @@ def test_peft_format_refuses_a_lycoris_adapter(tmp_path: Path) -> None:
         orthoft.save_adapter(model, tmp_path / "dir", format="peft")
     with pytest.raises(ValueError, match=r"`bias` must be 'none'"):
         orthoft.LycorisConfig(target_modules=["fc1"], bias="all")
+    with pytest.raises(ValueError, match=r"`target_parameters` must be empty .*OFTConfig or BOFTConfig"):
+        orthoft.LycorisConfig(target_modules=["fc1"], target_parameters=["fc2.weight"])
 
 
 def test_two_files_load_as_two_adapters(tmp_path: Path) -> None:

@@ -49,6 +49,11 @@ class LycorisConfig(_LycorisFields):  # type: ignore[misc,valid-type]
                 f"{owner}: `modules_to_save` must be empty (LyCORIS files carry only the adapters), "
                 f"got {self.modules_to_save!r}."
             )
+        if self.target_parameters:
+            raise ValueError(
+                f"{owner}: `target_parameters` must be empty (LyCORIS's OFT adapts layers, not raw "
+                f"parameters; use OFTConfig or BOFTConfig for those), got {self.target_parameters!r}."
+            )
         overrides = self.layer_overrides or {}
         if not isinstance(overrides, Mapping) or not all(
             isinstance(path, str) and isinstance(values, Mapping) for path, values in overrides.items()

@@ -8,8 +8,9 @@ instead. What is rejected is what makes backtracking blow up:
 - a repeat of something that itself varies in length (``(a+)*``, ``(.*)*x``, ``(\\w+\\.)+``): exponential;
 - a repeat of an alternation (``(a|ab)*``): exponential where branches can match alike;
 - backreferences (``(a+)\\1``): matching them is not polynomial in general;
-- more than ``MAX_VARIABLE_REPEATS`` repeats of variable length (``.*.*.*.*x``): each one multiplies the
-  work by the path's length;
+- more than ``MAX_VARIABLE_REPEATS`` repeats of variable length in sequence (``.*.*.*.*x``): each one
+  multiplies the work by the path's length (alternatives are tried one after another, so
+  ``.*a|.*b|.*c|.*d`` counts one);
 - more than ``MAX_CHOICES`` combinations of alternatives and optional parts, which multiply it too.
 
 What remains matches a path of ``n`` characters in roughly at most ``MAX_CHOICES * n**MAX_VARIABLE_REPEATS``
@@ -85,7 +86,11 @@ def _has_variable_part(items: Any) -> bool:
     return False
 
 
-def _walk(items: Any, cost: _Cost) -> None:
+def _cost(items: Any) -> _Cost:
+    """The work of matching a parsed sequence, as a power of the path's length and a constant factor:
+    parts in sequence multiply (their powers add), alternatives are tried one after another (the worst
+    power, the constants added)."""
+    total = _Cost(variable_repeats=0, choices=1)
     for op, av in items:
         name = str(op)
         if name in _BACKREFERENCES:
@@ -94,14 +99,24 @@ def _walk(items: Any, cost: _Cost) -> None:
             low, high, body = av
             if high > 1 and _has_variable_part(body):
                 raise _Rejected("it repeats a part that varies in length or has alternatives")
+            inner = _cost(body)
+            part = _Cost(inner.variable_repeats, inner.choices)
             if high - low > 1:
-                cost.variable_repeats += 1
+                part.variable_repeats += 1
             elif high - low == 1:
-                cost.choices *= 2
+                part.choices *= 2
         elif name == "BRANCH":
-            cost.choices *= len(av[1])
-        for child in _children(name, av):
-            _walk(child, cost)
+            branches = [_cost(branch) for branch in av[1]]
+            part = _Cost(max(b.variable_repeats for b in branches), sum(b.choices for b in branches))
+        else:
+            part = _Cost(0, 1)
+            for child in _children(name, av):
+                inner = _cost(child)
+                part.variable_repeats += inner.variable_repeats
+                part.choices *= inner.choices
+        total.variable_repeats += part.variable_repeats
+        total.choices *= part.choices
+    return total
 
 
 def check_bounded_regex(owner: str, field: str, pattern: str, variable_repeats_used: int = 0) -> None:
@@ -115,9 +130,9 @@ def check_bounded_regex(owner: str, field: str, pattern: str, variable_repeats_u
         re.compile(pattern)  # what only compiling finds (a look-behind of variable width)
     except (re.error, RecursionError, OverflowError) as error:
         raise ValueError(f"{named} is not a valid regular expression: {error}.") from None
-    cost = _Cost(variable_repeats=variable_repeats_used)
     try:
-        _walk(parsed.data, cost)
+        cost = _cost(parsed.data)
+        cost.variable_repeats += variable_repeats_used
         if cost.variable_repeats > MAX_VARIABLE_REPEATS:
             raise _Rejected(
                 f"it has {cost.variable_repeats - variable_repeats_used} repeats of variable length "
