@@ -29,7 +29,8 @@ def _no_default_lycoris_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lycoris_kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
 
 
-ATTENTION = r".*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*proj_in|.*proj_out"
+# One leading ``.*`` for all alternatives: target patterns may hold at most three variable-length repeats.
+ATTENTION = r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out"
 
 
 @pytest.mark.parametrize("sdxl", [False, True])
@@ -101,8 +102,8 @@ def _lycoris_kohya_reads(
 def test_sd15_names_unet_and_text_encoder(tmp_path: Path) -> None:
     base_unet, base_te = tiny_unet(), _text_encoder()
     run = unet_call(base_unet)
-    unet = _adapted(base_unet, ATTENTION + r"|.*resnets\.\d+\.conv1", "boft")
-    te = _adapted(base_te, r".*self_attn\.(q_proj|v_proj)|.*mlp\.fc1", "diag-oft")
+    unet = _adapted(base_unet, rf".*({ATTENTION}|resnets\.\d+\.conv1)", "boft")
+    te = _adapted(base_te, r".*(self_attn\.(q_proj|v_proj)|mlp\.fc1)", "diag-oft")
     train_steps(unet, run, steps=1)
     train_steps(te, _text_call, steps=1)
     path = tmp_path / "sd15.safetensors"
@@ -131,7 +132,7 @@ def test_sd15_names_unet_and_text_encoder(tmp_path: Path) -> None:
 def test_sdxl_names_are_ldm_paths_with_two_text_encoders(tmp_path: Path) -> None:
     base_unet, base_te1, base_te2 = tiny_unet(sdxl=True), _text_encoder(), _text_encoder(with_projection=True)
     run = unet_call(base_unet, sdxl=True)
-    unet = _adapted(base_unet, ATTENTION + r"|.*resnets\.\d+\.(conv1|conv2)|conv_in", "diag-oft")
+    unet = _adapted(base_unet, rf".*({ATTENTION}|resnets\.\d+\.(conv1|conv2))|conv_in", "diag-oft")
     te1 = _adapted(base_te1, r".*self_attn\.q_proj", "diag-oft")
     te2 = _adapted(base_te2, r".*self_attn\.k_proj", "boft")
     train_steps(unet, run, steps=1)
