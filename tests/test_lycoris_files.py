@@ -129,7 +129,10 @@ def _blocks() -> dict[str, torch.Tensor]:
             {"lycoris_fc2.lora_down.weight": torch.zeros(4, 32)},
             r"'lycoris_fc2\.lora_down\.weight' is not a diag-OFT",
         ),
-        ({"lycoris_conv.oft_blocks": torch.zeros(3, 4, 4)}, r"module 'lycoris_conv' \('conv'\).*oft_blocks"),
+        (
+            {"lycoris_conv.oft_blocks": torch.zeros(3, 4, 4), "lycoris_conv.alpha": torch.tensor(0.0)},
+            r"module 'lycoris_conv' \('conv'\).*oft_blocks",
+        ),
         ({"lycoris_fc2.rescale": torch.ones(16, 1)}, r"module 'lycoris_fc2' has \['rescale'\] but no"),
     ],
 )

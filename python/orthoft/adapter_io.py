@@ -295,7 +295,14 @@ def load_adapter(
     ``prefix`` (``orthoft.lycoris_files.load_lycoris``).
     """
     if is_lycoris_file(path):
-        load_lycoris(model, path, adapter_name, prefix=prefix, low_cpu_mem_usage=low_cpu_mem_usage)
+        load_lycoris(
+            model,
+            path,
+            adapter_name,
+            prefix=prefix,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            allow_non_finite=allow_non_finite,
+        )
         return model
     directory = Path(path)
     check_new_adapter_name(model, adapter_name)  # not the files' fault: said before reading them

@@ -7,7 +7,10 @@ a prefix: ``lycoris_`` in LyCORIS's files; ``lora_unet_`` and ``lora_te_`` (``lo
 for SDXL's two text encoders) in kohya's, which name SDXL's UNet by LDM paths (see ``kohya_names``).
 
 ``save_lycoris`` writes one file for one model or for several (a mapping prefix -> model);
-``load_lycoris`` builds the adapters a file describes, layer by layer, and copies its tensors.
+``load_lycoris`` builds the adapters a file describes, layer by layer, and copies its tensors. It checks
+the file as ``load_adapter`` checks PEFT's (``adapter_checks``): a damaged file, a tensor of an integer,
+bool or float8 dtype, NaN or Inf values, a missing ``alpha`` or one that is not a single number >= 0
+are errors naming the file and the key, and the models are left unchanged.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .adapter_checks import check_loaded_tensors, read_tensors
 from .kohya_names import is_unet, ldm_unet_path, text_encoder_path, uses_ldm_names
 from .layers.kinds import kind_of
 from .layers.output_side import LycorisLayer
@@ -131,8 +135,8 @@ def save_lycoris(
 
 
 def is_lycoris_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a safetensors file (rather than a PEFT adapter directory)."""
-    return Path(path).is_file() and Path(path).suffix == ".safetensors"
+    """Whether ``path`` names a safetensors file (rather than a PEFT adapter directory), existing or not."""
+    return Path(path).suffix == ".safetensors" and not Path(path).is_dir()
 
 
 def _group(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -149,26 +153,52 @@ def _group(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str,
     for name, parts in grouped.items():
         if "oft_blocks" not in parts:
             raise ValueError(f"{source}: module {name!r} has {sorted(parts)} but no {name}.oft_blocks.")
-        if parts["oft_blocks"].dim() not in (3, 4):
+        shape = parts["oft_blocks"].shape
+        if len(shape) not in (3, 4) or shape[-1] != shape[-2] or shape[-1] < 2:
             raise ValueError(
                 f"{source}: {name}.oft_blocks has shape {tuple(parts['oft_blocks'].shape)}; "
-                "expected (D, b, b) (diag-OFT) or (m, D, b, b) (BOFT)."
+                "expected (D, b, b) (diag-OFT) or (m, D, b, b) (BOFT), blocks b x b with b >= 2."
             )
     return grouped
 
 
-def _options(name: str, parts: dict[str, torch.Tensor]) -> dict[str, Any]:
-    blocks = parts["oft_blocks"]
+def _constraint(name: str, parts: dict[str, torch.Tensor], source: str, allow_non_finite: bool) -> float:
+    """The module's ``alpha``: one floating value >= 0 (0: no constraint)."""
+    key = f"{name}.alpha"
     alpha = parts.get("alpha")
+    if alpha is None:
+        # LyCORIS fails on such a module and ComfyUI skips it: no loader agrees on what it means.
+        raise ValueError(
+            f"{source}: module {name!r} has no {key} (its constraint, 0 for none), which LyCORIS cannot "
+            f"read and ComfyUI skips; add {key} = 0 to load it without a constraint. The model is unchanged."
+        )
+    if alpha.dim() != 0:
+        raise ValueError(f"{source}: {key} has shape {tuple(alpha.shape)}; expected one value of shape ().")
+    check_loaded_tensors(
+        {key: alpha},
+        {key: torch.empty((), dtype=torch.float32)},
+        Path(source),
+        allow_non_finite=allow_non_finite,
+    )
+    value = float(alpha)
+    if not value >= 0:
+        raise ValueError(f"{source}: {key} is {value}; the constraint must be a number >= 0 (0: none).")
+    return value
+
+
+def _options(
+    name: str, parts: dict[str, torch.Tensor], source: str, allow_non_finite: bool
+) -> dict[str, Any]:
+    blocks = parts["oft_blocks"]
     return {
         "algo": "diag-oft" if blocks.dim() == 3 else "boft",
         "block_size": blocks.shape[-1],
-        "constraint": 0.0 if alpha is None else float(alpha),
+        "constraint": _constraint(name, parts, source, allow_non_finite),
         "rescaled": "rescale" in parts,
     }
 
 
-def _prefix_of(model: nn.Module, names: list[str]) -> str:
+def _prefix_of(model: nn.Module, names: list[str], source: str) -> str:
     """The prefix under which ``model``'s names appear in a file with ``names``, when not given."""
     found = sorted({prefix for prefix in _PREFIXES if any(name.startswith(f"{prefix}_") for name in names)})
     if "lycoris" in found:
@@ -178,7 +208,7 @@ def _prefix_of(model: nn.Module, names: list[str]) -> str:
     candidates = [prefix for prefix in found if prefix.startswith("lora_te")]
     if len(candidates) != 1:
         raise ValueError(
-            f"Cannot tell which names of the file belong to {type(model).__name__}: its names start with "
+            f"{source}: cannot tell which names belong to {type(model).__name__}: they start with "
             f"{found or sorted({name.split('_')[0] for name in names})}; "
             f"pass prefix= (one of {list(_PREFIXES)}) or a mapping prefix -> model."
         )
@@ -196,6 +226,7 @@ def load_lycoris(
     *,
     prefix: str | None = None,
     low_cpu_mem_usage: bool = False,
+    allow_non_finite: bool = False,
 ) -> nn.Module | Mapping[str, nn.Module]:
     """Add the diag-OFT/BOFT adapters of the LyCORIS or kohya file ``path`` to ``models`` as ``adapter_name``.
 
@@ -203,14 +234,17 @@ def load_lycoris(
     it, else ``lora_unet`` for a diffusers UNet, else the file's one ``lora_te*`` prefix), or a mapping
     prefix -> model (``{"lora_unet": unet, "lora_te": text_encoder}``). Names under those prefixes that
     match no module are skipped with a warning listing them (names under other prefixes belong to other
-    models); a key of another algorithm, a misshapen tensor or a file matching no module is a
-    ``ValueError``, and the models are left unchanged. With ``low_cpu_mem_usage`` the adapter tensors are
-    not created before the loaded ones take their place.
+    models); a damaged file, a key of another algorithm, a misshapen tensor, one of a non-float dtype, NaN
+    or Inf values (unless ``allow_non_finite``), an ``alpha`` missing or not a single number >= 0, or a
+    file matching no module is an error naming the file and key, and the models are left unchanged. With
+    ``low_cpu_mem_usage`` the adapter tensors are not created before the loaded ones take their place.
     """
     source = os.fspath(path)
-    grouped = _group(load_file(source), source)
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"{source} does not exist.")
+    grouped = _group(read_tensors(Path(source)), source)
     if isinstance(models, nn.Module):
-        parts = {prefix or _prefix_of(models, list(grouped)): models}
+        parts = {prefix or _prefix_of(models, list(grouped), source): models}
     else:
         parts = _models(models, "kohya")
     matched = {}
@@ -237,7 +271,15 @@ def load_lycoris(
     try:
         for part_prefix, model in parts.items():
             if matched[part_prefix]:
-                _load_into(model, grouped, matched[part_prefix], adapter_name, source, low_cpu_mem_usage)
+                _load_into(
+                    model,
+                    grouped,
+                    matched[part_prefix],
+                    adapter_name,
+                    source,
+                    low_cpu_mem_usage,
+                    allow_non_finite,
+                )
                 done.append(model)
     except BaseException:
         for model in done:
@@ -253,20 +295,24 @@ def _load_into(
     adapter_name: str,
     source: str,
     low_cpu_mem_usage: bool,
+    allow_non_finite: bool,
 ) -> None:
     """One model's adapters, built from the options the file implies per module, then its tensors."""
-    overrides = {module_path: _options(name, grouped[name]) for name, module_path in matched.items()}
-    config = LycorisConfig(
-        target_modules="|".join(_escaped(module_path) for module_path in overrides),
-        layer_overrides=overrides,
-        **next(iter(overrides.values())),
-    )
-    try:
+    overrides = {
+        module_path: _options(name, grouped[name], source, allow_non_finite)
+        for name, module_path in matched.items()
+    }
+    try:  # options the tensors imply can be invalid (a block size of 1, an odd one for BOFT)
+        config = LycorisConfig(
+            target_modules="|".join(_escaped(module_path) for module_path in overrides),
+            layer_overrides=overrides,
+            **next(iter(overrides.values())),
+        )
         get_orthoft_model(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
     try:
-        _copy_tensors(model, grouped, matched, adapter_name, source)
+        _copy_tensors(model, grouped, matched, adapter_name, source, allow_non_finite)
     except BaseException:
         delete_adapter(model, adapter_name)
         raise
@@ -282,6 +328,7 @@ def _copy_tensors(
     matched: dict[str, str],
     adapter_name: str,
     source: str,
+    allow_non_finite: bool,
 ) -> None:
     layers = dict(named_orthoft_layers(model))
     for name, module_path in matched.items():
@@ -296,6 +343,14 @@ def _copy_tensors(
             tensors["lycoris.rescale"] = (
                 rescale.reshape(target.shape) if rescale.numel() == target.numel() else rescale
             )
+        # Dtypes and values, under the file's keys: before anything of this module is copied.
+        in_file = {key: f"{name}.{key.partition('.')[2]}" for key in tensors}
+        check_loaded_tensors(
+            {in_file[key]: value for key, value in tensors.items()},
+            {in_file[key]: own[key] for key in tensors if key in own},
+            Path(source),
+            allow_non_finite=allow_non_finite,
+        )
         try:
             layer.load_adapter_state_dict(adapter_name, tensors)
         except ValueError as error:

@@ -133,7 +133,7 @@ def add_parameter_adapters(
     Parameters already wrapped get the adapter added; new wrappers nest around the module. On an
     error the adapters added so far are removed and nothing is installed.
     """
-    if not targets:
+    if not targets:  # also for methods without parameter adapters (LyCORIS's)
         return []
     layer_cls = PARAMETER_LAYER_CLASSES[config.peft_type]
     options = config.layer_options()
