@@ -6,7 +6,8 @@ file, and leave the model as it was; every case within a time limit.
 
 ``ORTHOFT_FUZZ_CASES`` sets the number of cases (default 500, about 15 s, derandomized so CI sees
 the same ones; set it to run that many random cases). The number that ran is printed after the tests.
-Other producers of valid adapters (other file formats) are one entry each in ``PRODUCERS``.
+Other producers of valid adapters (other file formats) are one entry each in ``PRODUCERS``, as are
+producers of adapters that ``load_adapter`` must refuse, mutated or not (a LoRA adapter).
 """
 
 from __future__ import annotations
@@ -83,18 +84,29 @@ def _peft_oft(base: nn.Module, directory: Path) -> None:
     peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(directory)
 
 
+def _orthoft_lora_export(base: nn.Module, directory: Path) -> None:
+    config = orthoft.BOFTConfig(
+        target_modules=["q_proj", "up_proj"], boft_block_size=4, boft_n_butterfly_factor=2
+    )
+    orthoft.save_as_lora(_trained(orthoft.get_orthoft_model(copy.deepcopy(base), config)), directory, rank=4)
+
+
 @dataclass(frozen=True)
 class Producer:
-    """Writes a valid adapter for the base model into a directory."""
+    """Writes an adapter for the base model into a directory: one ``load_adapter`` loads exactly, or
+    (``loads=False``) one it must refuse however it is mutated, naming a file."""
 
     name: str
     write: Callable[[nn.Module, Path], None]
+    loads: bool = True
 
 
 PRODUCERS = [
     Producer("orthoft OFT, bias=oft_only", _orthoft_oft),
     Producer("orthoft BOFT, modules_to_save", _orthoft_boft),
     Producer("PEFT OFT, exact Cayley", _peft_oft),
+    # A LoRA adapter (orthoft's export of a BOFT adapter): not something orthoft loads.
+    Producer("orthoft's LoRA export", _orthoft_lora_export, loads=False),
 ]
 
 
@@ -410,10 +422,29 @@ def templates(base: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> list
 
 def test_every_producer_writes_an_adapter_that_loads_exactly(base: nn.Module, templates: list[Path]) -> None:
     state = {key: value.clone() for key, value in base.state_dict().items()}
-    for directory in templates:
-        model = copy.deepcopy(base)
-        load_adapter(model, directory)
-        assert_loaded_exactly(model, directory, state)
+    for producer, directory in zip(PRODUCERS, templates, strict=True):
+        if producer.loads:
+            model = copy.deepcopy(base)
+            load_adapter(model, directory)
+            assert_loaded_exactly(model, directory, state)
+
+
+def test_a_lora_adapter_is_refused_saying_what_it_is_and_what_loads(
+    base: nn.Module, templates: list[Path]
+) -> None:
+    state = {key: value.clone() for key, value in base.state_dict().items()}
+    types = [type(module) for module in base.modules()]
+    for producer, directory in zip(PRODUCERS, templates, strict=True):
+        if not producer.loads:
+            assert _read_json(directory)["peft_type"] == "LORA"
+            assert any("lora_A" in key for key in _tensors(directory))
+            model = copy.deepcopy(base)
+            message = (
+                rf"{CONFIG_NAME}: `peft_type` is 'LORA': this is a LoRA adapter .* orthoft loads OFT and BOFT"
+            )
+            with pytest.raises(ValueError, match=message):
+                load_adapter(model, directory)
+            assert_unchanged(model, state, types)
 
 
 def test_mutated_adapters_load_exactly_or_fail_cleanly(
@@ -451,6 +482,7 @@ def test_mutated_adapters_load_exactly_or_fail_cleanly(
                     assert_unchanged(model, base_state, base_types)
                     tally[type(error).__name__ if not isinstance(error, OSError) else "OSError"] += 1
                     return
+            assert PRODUCERS[producer].loads, f"loaded an adapter from {PRODUCERS[producer].name}"
             assert_loaded_exactly(model, directory, base_state)
             tally["loaded"] += 1
 

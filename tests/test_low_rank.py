@@ -8,6 +8,10 @@ import torch
 from orthoft import OFTLinear
 from orthoft.low_rank import energy_rank, exact, factorize, full_rank, randomized, uses_randomized
 
+from peft_interop import one_thread  # noqa: F401 (a fixture, used by name)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def oft_delta(out: int, features: int, block_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The ``(1, out, in)`` delta ``W R^T - W`` of an OFT layer with a random rotation (a flat spectrum:
@@ -56,15 +60,33 @@ def test_energy_rank_keeps_the_fewest_singular_values_holding_the_fraction() -> 
     assert energy_rank(torch.zeros(1, 3), 0.5) == 1
 
 
-def test_randomized_svd_is_within_a_tenth_of_a_percent_of_the_best_error() -> None:
-    matrix = oft_delta(384, 256, 16)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(576, 384), (384, 576)])
+def test_krylov_svd_reaches_the_exact_truncated_svds_error(
+    shape: tuple[int, int], dtype: torch.dtype
+) -> None:
+    out, features = shape
+    matrix = oft_delta(out, features, 16, dtype)
     generator = torch.Generator().manual_seed(0)
-    for rank in (8, 32):
-        assert uses_randomized(rank, 256)
+    for rank in (2, 8, 16):
+        assert uses_randomized(rank, 384)
         factors = factorize(matrix, rank, "auto", generator)
         assert factors.method == "randomized SVD" and factors.rank == rank
-        best = best_error(matrix, rank)
-        assert best <= error(matrix, factors.left, factors.right) <= best * 1.001
+        assert factors.left.dtype == dtype and factors.right.shape == (1, rank, features)
+        exact_factors = exact(matrix, rank)
+        best = error(matrix, exact_factors.left, exact_factors.right)
+        assert error(matrix, factors.left, factors.right) == pytest.approx(best, rel=1e-5, abs=0)
+
+
+def test_krylov_svd_of_a_batch_and_of_a_zero_matrix() -> None:
+    matrices = torch.cat([oft_delta(200, 160, 8), oft_delta(200, 160, 8), torch.zeros(1, 200, 160)])
+    factors = randomized(matrices.double(), 4, torch.Generator().manual_seed(0))
+    assert factors.method == "randomized SVD"
+    for index in range(2):
+        assert error(matrices[index], factors.left[index], factors.right[index]) == pytest.approx(
+            best_error(matrices[index], 4), rel=1e-5, abs=0
+        )
+    assert torch.equal(factors.left[2] @ factors.right[2], torch.zeros(200, 160, dtype=torch.float64))
 
 
 def test_randomized_svd_leaves_the_global_random_state_alone() -> None:
@@ -86,4 +108,6 @@ def test_factorize_picks_the_path_from_the_rank() -> None:
     with pytest.raises(ValueError, match=r"svd='randomized' needs an int rank"):
         factorize(matrix, 0.5, "randomized", generator)
     assert factorize(matrix, 40, "auto", generator).method == "exact SVD"
-    assert factorize(matrix, 40, "randomized", generator).method == "randomized SVD"
+    # A Krylov space of half the matrix would cost more than the exact SVD it stands for.
+    assert factorize(matrix, 40, "randomized", generator).method == "exact SVD"
+    assert factorize(oft_delta(300, 200, 8), 8, "randomized", generator).method == "randomized SVD"

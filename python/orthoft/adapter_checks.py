@@ -59,6 +59,13 @@ def naming_file(error: Exception, path: Path) -> Exception:
 
 def config_from_file(data: Mapping[str, Any], path: Path) -> OrthoftConfig:
     """``OrthoftConfig.from_dict(data)``, its errors (which name the field) prefixed with ``path``."""
+    if isinstance(data, Mapping) and data.get("peft_type") == "LORA":
+        # Said apart from other unknown types: a LoRA adapter (e.g. orthoft's own export) is a likely mix-up.
+        raise ValueError(
+            f"{path}: `peft_type` is 'LORA': this is a LoRA adapter (as save_as_lora writes), and orthoft "
+            "loads OFT and BOFT adapters (`peft_type` 'OFT' or 'BOFT'); load a LoRA adapter with "
+            "peft.PeftModel.from_pretrained"
+        )
     try:
         return OrthoftConfig.from_dict(data)
     except (ValueError, TypeError) as error:

@@ -6,11 +6,16 @@ Three ways, chosen by what is asked:
   on the smaller side and the matrix itself on the other.
 - **exact**: the truncated SVD (the best approximation of that rank in Frobenius norm, Eckart-Young).
   Needed for an energy fraction, which reads the whole spectrum.
-- **randomized**: a few columns' worth of subspace iteration (Halko, Martinsson and Tropp 2011,
-  algorithm 4.4) then an SVD of the small projected matrix: ``O(rows * cols * q * (2p + 2))`` for
-  ``q = rank + oversampling`` columns and ``p`` power iterations, instead of ``O(rows * cols^2)``. Its
-  error is at most a little above the exact SVD's; the random draw comes from its own generator, so the
-  result is reproducible and the caller's random state is untouched.
+- **randomized**: a block Krylov method (randomized block Lanczos with full reorthogonalization; Musco and
+  Musco 2015): from a random block of ``rank + OVERSAMPLING`` vectors on the matrix's smaller side, the
+  Krylov space of ``M^T M`` grows a block per step, and the Rayleigh-Ritz step (``eigh`` in float64 of the
+  space's small Gram matrix) gives the best rank-``rank`` factors within it. It stops once the energy the
+  factors capture gains less than ``TOLERANCE`` of the energy they leave out in a step, so that its error
+  equals the exact truncated SVD's to within float rounding (about 1e-6 relative). A Krylov space needs
+  far fewer products with the matrix than subspace iteration for that: an OFT delta's spectrum is flat,
+  and its top singular values are close together. Should the space grow to ``MAX_KRYLOV_FRACTION`` of
+  the smaller side before that, the exact SVD is cheaper and is used instead. The random start comes
+  from its own generator: the result is reproducible and the caller's random state is untouched.
 
 All batch entries get the same rank (a grouped convolution's LoRA has ``rank / groups`` per group).
 """
@@ -21,14 +26,17 @@ from dataclasses import dataclass
 
 import torch
 
-# Subspace iteration settings of the randomized path: oversampling max(rank, MIN_OVERSAMPLING) columns and
-# POWER_ITERATIONS passes keep its error within about 0.1% of the exact SVD's at ranks 16 and 64 on the
-# flattest spectra an OFT delta has (random rotations; benchmarks/lora_export.py records both errors).
-MIN_OVERSAMPLING = 16
-POWER_ITERATIONS = 6
-# The randomized path is used while its q columns are at most this fraction of min(rows, cols);
-# above it an exact SVD costs about as much.
-RANDOMIZED_MAX_FRACTION = 0.25
+# The Krylov method's block is rank + OVERSAMPLING vectors; it stops when a step adds less than TOLERANCE
+# of the energy left out (the relative error then differs from the optimum by about TOLERANCE / 2 or
+# less: the gains fall geometrically). benchmarks/lora_export.py records its error against PEFT's.
+OVERSAMPLING = 8
+TOLERANCE = 1e-6
+# Above this fraction of min(rows, cols) the Krylov space costs about as much as the exact SVD.
+MAX_KRYLOV_FRACTION = 0.75
+# The first convergence check comes after this many blocks (each check is an eigvalsh of the space).
+MIN_BLOCKS = 4
+# svd="auto" takes the Krylov method while rank + OVERSAMPLING is at most this fraction of min(rows, cols).
+RANDOMIZED_MAX_FRACTION = 0.125
 
 SVD_MODES = ("auto", "exact", "randomized")
 
@@ -68,27 +76,69 @@ def energy_rank(singular_values: torch.Tensor, fraction: float) -> int:
 
 def exact(matrices: torch.Tensor, rank: int | float) -> Factors:
     """Truncated SVD at ``rank`` (an int) or at an energy fraction (a float); singular values in ``left``."""
-    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    if matrices.shape[1] < matrices.shape[2]:
+        # LAPACK's SVD of a wide matrix takes about twice as long as that of its transpose.
+        v, s, uh = torch.linalg.svd(matrices.mT, full_matrices=False)
+        u, vh = uh.mT, v.mT
+    else:
+        u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
     k = rank if isinstance(rank, int) else energy_rank(s, rank)
     return Factors(u[..., :k] * s[:, None, :k], vh[:, :k], "exact SVD")
 
 
+def _orthonormal(vectors: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """``vectors`` made orthonormal and orthogonal to ``basis`` (Gram-Schmidt twice: full precision)."""
+    if basis is not None:
+        for _ in range(2):
+            vectors = vectors - basis @ (basis.mT @ vectors)
+    return torch.linalg.qr(vectors).Q
+
+
 def randomized(matrices: torch.Tensor, rank: int, generator: torch.Generator) -> Factors:
-    """Rank-``rank`` factors by randomized subspace iteration (see the module's docstring)."""
-    g, rows, cols = matrices.shape
-    q = min(rank + max(rank, MIN_OVERSAMPLING), rows, cols)
-    probe = torch.randn(g, cols, q, generator=generator, device=matrices.device, dtype=matrices.dtype)
-    basis = torch.linalg.qr(matrices @ probe).Q
-    transposed = matrices.mT
-    for _ in range(POWER_ITERATIONS):
-        basis = torch.linalg.qr(matrices @ torch.linalg.qr(transposed @ basis).Q).Q
-    u, s, vh = torch.linalg.svd(basis.mT @ matrices, full_matrices=False)
-    return Factors((basis @ u[..., :rank]) * s[:, None, :rank], vh[:, :rank], "randomized SVD")
+    """Rank-``rank`` factors by a randomized block Krylov method (see the module's docstring); the exact
+    SVD where the Krylov space would grow past ``MAX_KRYLOV_FRACTION`` of the smaller side."""
+    # Work on the smaller side: columns of ``tall`` (rows >= cols).
+    transposed = matrices.shape[1] < matrices.shape[2]
+    tall = matrices.mT if transposed else matrices
+    g, _, cols = tall.shape
+    block = min(rank + OVERSAMPLING, cols)
+    total = torch.linalg.vector_norm(tall, dim=(1, 2)).double().square()
+    start = torch.randn(g, cols, block, generator=generator, device=tall.device, dtype=tall.dtype)
+    basis = _orthonormal(start, None)  # (g, cols, d): orthonormal, spans the Krylov space so far
+    images = tall @ basis  # (g, rows, d): the matrix applied to it
+    # (g, d, d): the Rayleigh-Ritz matrix basis^T M^T M basis, in float64 so that the convergence test
+    # sees the energy gains of a float32 matrix above its rounding.
+    gram = images.double().mT @ images.double()
+    captured = None
+    while True:
+        if basis.shape[-1] + block > MAX_KRYLOV_FRACTION * cols:
+            return exact(matrices, rank)
+        step = _orthonormal(tall.mT @ images[..., -block:], basis)
+        step_images = tall @ step
+        step_double = step_images.double()
+        across = images.double().mT @ step_double
+        gram = torch.cat(
+            [torch.cat([gram, across], -1), torch.cat([across.mT, step_double.mT @ step_double], -1)], -2
+        )
+        basis = torch.cat([basis, step], -1)
+        images = torch.cat([images, step_images], -1)
+        if basis.shape[-1] < MIN_BLOCKS * block:
+            continue
+        now = torch.linalg.eigvalsh(gram)[..., -rank:].sum(-1)
+        if captured is not None and bool(((now - captured) <= TOLERANCE * (total - now).clamp(min=0)).all()):
+            break
+        captured = now
+    _, vectors = torch.linalg.eigh(gram)
+    top = vectors[..., -rank:].flip(-1).to(tall.dtype)  # (g, d, rank), largest first
+    left, right = images @ top, (basis @ top).mT  # M ~ (M P) P^T with P = basis @ top orthonormal
+    if transposed:
+        left, right = right.mT, left.mT
+    return Factors(left, right, "randomized SVD")
 
 
 def uses_randomized(rank: int, max_rank: int) -> bool:
     """Whether ``svd="auto"`` takes the randomized path for an int ``rank`` of at most ``max_rank``."""
-    return rank + max(rank, MIN_OVERSAMPLING) <= RANDOMIZED_MAX_FRACTION * max_rank
+    return rank + OVERSAMPLING <= RANDOMIZED_MAX_FRACTION * max_rank
 
 
 def factorize(matrices: torch.Tensor, rank: int | float, svd: str, generator: torch.Generator) -> Factors:
