@@ -18,6 +18,12 @@ from torch import nn
 # PEFT 0.22 made its OFT Conv2d rotate the weight and call the base conv, as orthoft's does; before, it
 # unfolded and folded the input, which sums overlapping patches and differs from the base conv at init.
 PEFT_OFT_CONV_EXACT = Version(peft.__version__) >= Version("0.22")
+# PEFT 0.22 added its converter of OFT/BOFT layers to LoRA (peft.tuners.lora.conversion), and its LoRA
+# Conv2d honours the base conv's dilation (before, lora_A ran undilated).
+PEFT_HAS_LORA_CONVERTER = PEFT_LORA_CONV_DILATES = Version(peft.__version__) >= Version("0.22")
+needs_peft_lora_converter = pytest.mark.skipif(
+    not PEFT_HAS_LORA_CONVERTER, reason="PEFT's converter to LoRA exists from PEFT 0.22 on"
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from peft.tuners.lora import conversion as peft_conversion
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -19,6 +18,8 @@ from orthoft.config import OrthoftConfig
 from orthoft.tuner import named_orthoft_layers
 
 from peft_interop import (  # noqa: F401 (one_thread: a fixture, used by name)
+    PEFT_LORA_CONV_DILATES,
+    needs_peft_lora_converter,
     one_thread,
     peft_from_pretrained,
     transformers_load_adapter,
@@ -40,6 +41,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "oft": {"peft_type": "OFT", "oft_block_size": 4},
     "boft": {"peft_type": "BOFT", "boft_block_size": 4, "boft_n_butterfly_factor": 2},
 }
+
+
+def peft_lora_conversion() -> Any:
+    from peft.tuners.lora import conversion
+
+    return conversion
 
 
 def perturb(model: nn.Module, scale: float = 0.2) -> None:
@@ -174,6 +181,7 @@ CONV_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.skipif(not PEFT_LORA_CONV_DILATES, reason="PEFT's LoRA Conv2d runs dilated from 0.22 on")
 @pytest.mark.parametrize("method", list(CONV_METHODS))
 def test_conv_net_exports_exactly_at_full_rank(tmp_path: Path, method: str) -> None:
     base = conv_net()
@@ -270,6 +278,7 @@ def test_float_rank_keeps_the_energy_fraction_per_layer_and_peft_reads_the_ranks
         assert lora.r["default"] == layer.rank and lora.scaling["default"] == 1.0
 
 
+@needs_peft_lora_converter
 @pytest.mark.parametrize("svd", ["auto", "exact", "randomized"])
 def test_error_is_no_larger_than_peft_converters_at_the_same_rank(tmp_path: Path, svd: str) -> None:
     base = tiny_llama(hidden_size=64, intermediate_size=128)
@@ -278,7 +287,7 @@ def test_error_is_no_larger_than_peft_converters_at_the_same_rank(tmp_path: Path
     peft_oft = peft_from_pretrained(copy.deepcopy(base), tmp_path)
     deltas = layer_deltas(model)
     for rank in (2, 8):
-        _, peft_state = peft_conversion.convert_to_lora(peft_oft, rank)
+        _, peft_state = peft_lora_conversion().convert_to_lora(peft_oft, rank)
         _, ours, report = orthoft.convert_to_lora(model, rank, svd=svd, progressbar=False)
         assert set(ours) == set(peft_state)  # the same keys as PEFT's converter
         for layer in report.layers:
@@ -287,6 +296,7 @@ def test_error_is_no_larger_than_peft_converters_at_the_same_rank(tmp_path: Path
             assert layer.relative_error <= peft_error * (1 + 1e-5), (layer, peft_error)
 
 
+@needs_peft_lora_converter
 @pytest.mark.parametrize("oft_block_size", [32, 64])
 def test_default_export_has_peft_converters_error_at_ranks_far_below_full(
     tmp_path: Path, oft_block_size: int
@@ -301,7 +311,7 @@ def test_default_export_has_peft_converters_error_at_ranks_far_below_full(
     peft_oft = peft_from_pretrained(copy.deepcopy(base), tmp_path)
     deltas = layer_deltas(model)
     for rank in (2, 8, 16, 64):
-        _, peft_state = peft_conversion.convert_to_lora(peft_oft, rank)
+        _, peft_state = peft_lora_conversion().convert_to_lora(peft_oft, rank)
         _, ours, report = orthoft.convert_to_lora(model, rank, progressbar=False)
         for layer in report.layers:
             assert layer.method == "randomized SVD" and layer.rank == rank

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from peft_interop import needs_peft_lora_converter
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_export.py"
 
 
+@needs_peft_lora_converter
 def test_quick_mode_times_both_exporters_at_every_rank(tmp_path: Path) -> None:
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)]
