@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import orthoft
 from orthoft.config import OrthoftConfig
+from orthoft.low_rank import uses_randomized
 from orthoft.tuner import named_orthoft_layers
 
 from peft_interop import (  # noqa: F401 (one_thread: a fixture, used by name)
@@ -301,8 +302,9 @@ def test_error_is_no_larger_than_peft_converters_at_the_same_rank(tmp_path: Path
 def test_default_export_has_peft_converters_error_at_ranks_far_below_full(
     tmp_path: Path, oft_block_size: int
 ) -> None:
-    """The default path (the Krylov SVD where the rank is small) against PEFT's exact SVD: the same error
-    to within float rounding, on a square and a wide layer of full rank 1024 and 768."""
+    """The default paths (the Krylov method for the smallest ranks, the Gram eigendecomposition above)
+    against PEFT's exact SVD: the same error to within float rounding, on a square and a wide layer of
+    full rank 1024 and 768."""
     base = nn.Sequential(nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 768))
     model = adapted(
         base, {"target_modules": ["0", "2"], "peft_type": "OFT", "oft_block_size": oft_block_size}
@@ -314,7 +316,9 @@ def test_default_export_has_peft_converters_error_at_ranks_far_below_full(
         _, peft_state = peft_lora_conversion().convert_to_lora(peft_oft, rank)
         _, ours, report = orthoft.convert_to_lora(model, rank, progressbar=False)
         for layer in report.layers:
-            assert layer.method == "randomized SVD" and layer.rank == rank
+            krylov = uses_randomized(rank, layer.max_rank)
+            assert layer.method == ("randomized SVD" if krylov else "Gram eigendecomposition")
+            assert layer.rank == rank
             peft_error = relative(lora_delta(peft_state, layer.path), deltas[layer.path])
             ours_error = relative(lora_delta(ours, layer.path), deltas[layer.path])
             assert ours_error == pytest.approx(layer.relative_error, rel=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orthoft import OFTLinear
-from orthoft.low_rank import energy_rank, exact, factorize, full_rank, randomized, uses_randomized
+from orthoft.low_rank import energy_rank, exact, factorize, full_rank, gram, randomized, uses_randomized
 
 from peft_interop import one_thread  # noqa: F401 (a fixture, used by name)
 
@@ -62,20 +62,37 @@ def test_energy_rank_keeps_the_fewest_singular_values_holding_the_fraction() -> 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(576, 384), (384, 576)])
-def test_krylov_svd_reaches_the_exact_truncated_svds_error(
-    shape: tuple[int, int], dtype: torch.dtype
+@pytest.mark.parametrize("svd", ["auto", "randomized"])
+def test_default_and_krylov_svd_reach_the_exact_truncated_svds_error(
+    shape: tuple[int, int], dtype: torch.dtype, svd: str
 ) -> None:
     out, features = shape
     matrix = oft_delta(out, features, 16, dtype)
     generator = torch.Generator().manual_seed(0)
-    for rank in (2, 8, 16):
-        assert uses_randomized(rank, 384)
-        factors = factorize(matrix, rank, "auto", generator)
-        assert factors.method == "randomized SVD" and factors.rank == rank
+    # At rank 64 of 384 the Krylov space would outgrow three quarters of the matrix: it takes the exact SVD.
+    for rank in (2, 8, 16, 64) if svd == "auto" else (2, 8, 16):
+        krylov = svd == "randomized" or uses_randomized(rank, 384)
+        factors = factorize(matrix, rank, svd, generator)
+        assert factors.method == ("randomized SVD" if krylov else "Gram eigendecomposition")
+        assert factors.rank == rank
         assert factors.left.dtype == dtype and factors.right.shape == (1, rank, features)
         exact_factors = exact(matrix, rank)
         best = error(matrix, exact_factors.left, exact_factors.right)
         assert error(matrix, factors.left, factors.right) == pytest.approx(best, rel=1e-5, abs=0)
+
+
+def test_gram_path_keeps_a_small_left_out_energy_exact() -> None:
+    """Where the left-out energy is a tiny fraction, float32 Gram rounding would show: float64 takes over."""
+    matrix = oft_delta(300, 200, 8)
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    s[:, 40:] *= 1e-3  # the energy beyond rank 40 is about 1e-6 of the total
+    steep = (u * s[:, None, :] @ vh).float()
+    factors = gram(steep, 40)
+    exact_factors = exact(steep.double(), 40)
+    best = error(steep.double(), exact_factors.left, exact_factors.right)
+    assert error(steep, factors.left, factors.right) == pytest.approx(best, rel=1e-3, abs=0)
+    fraction = gram(steep, 0.99)
+    assert fraction.rank == exact(steep.double(), 0.99).rank
 
 
 def test_krylov_svd_of_a_batch_and_of_a_zero_matrix() -> None:
@@ -104,10 +121,14 @@ def test_factorize_picks_the_path_from_the_rank() -> None:
     assert factorize(matrix, 64, "auto", generator).method == "full rank"
     assert factorize(matrix, 1000, "exact", generator).method == "full rank"
     assert factorize(matrix, 1.0, "auto", generator).method == "full rank"
-    assert factorize(matrix, 0.5, "auto", generator).method == "exact SVD"
+    assert factorize(matrix, 0.5, "auto", generator).method == "Gram eigendecomposition"
+    assert factorize(matrix, 0.5, "exact", generator).method == "exact SVD"
     with pytest.raises(ValueError, match=r"svd='randomized' needs an int rank"):
         factorize(matrix, 0.5, "randomized", generator)
-    assert factorize(matrix, 40, "auto", generator).method == "exact SVD"
+    assert factorize(matrix, 40, "auto", generator).method == "Gram eigendecomposition"
+    assert not uses_randomized(40, 64) and uses_randomized(24, 1024) and not uses_randomized(25, 1024)
+    assert factorize(oft_delta(640, 640, 8), 8, "auto", generator).method == "randomized SVD"
+    assert factorize(matrix, 40, "exact", generator).method == "exact SVD"
     # A Krylov space of half the matrix would cost more than the exact SVD it stands for.
     assert factorize(matrix, 40, "randomized", generator).method == "exact SVD"
     assert factorize(oft_delta(300, 200, 8), 8, "randomized", generator).method == "randomized SVD"

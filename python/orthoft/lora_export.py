@@ -239,10 +239,11 @@ def convert_to_lora(
             exact). Per-layer ranks go to ``rank_pattern``/``alpha_pattern``; ``lora_alpha`` equals the rank.
         adapter_name: one adapter, a list of adapters composed in that order (as when they are all active),
             or None for the model's active adapters.
-        svd: ``"auto"`` (a randomized block Krylov SVD, with the exact SVD's error to float rounding,
-            for int ranks up to about an eighth of a layer's full rank, else exact), ``"exact"`` or
-            ``"randomized"`` (int ranks only; a layer where its space would outgrow three quarters of the
-            full rank gets the exact SVD, and the report says so). At full rank no SVD runs.
+        svd: ``"auto"`` (the eigendecomposition of the delta's smaller Gram matrix: the truncated SVD's
+            factors and error, to float rounding, at about a quarter of its cost), ``"exact"`` (LAPACK's
+            SVD) or ``"randomized"`` (a block Krylov method, int ranks only; a layer where its space would
+            outgrow three quarters of the full rank gets the exact SVD, and the report says so). At full
+            rank no SVD runs.
         dtype: of the LoRA tensors; default the base weight's (the dequantized one for quantized bases).
         task_type: PEFT's task type for the config (see ``orthoft.save_adapter``).
         progressbar: show a tqdm progress bar over the layers.
