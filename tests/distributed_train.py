@@ -20,9 +20,9 @@ from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM
 
 from orthoft import BOFTConfig, OFTConfig, get_orthoft_model, save_adapter
 from orthoft.config import OrthoftConfig
-from tiny_moe import EXPERT_PARAMETERS, tiny_qwen3_moe_config
 
 from tiny_models import tiny_llama_config
+from tiny_moe import EXPERT_PARAMETERS, tiny_qwen3_moe_config
 
 STEPS = 4
 BATCH = 8

@@ -13,7 +13,6 @@ producers of adapters that ``load_adapter`` must refuse, mutated or not (a LoRA 
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import json
 import os
@@ -23,7 +22,7 @@ import struct
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from torch import nn
 import orthoft
 from orthoft.adapter_io import CONFIG_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME, adapter_state_dict, load_adapter
 
+from fuzz_helpers import join_safetensors, split_safetensors, time_limit
 from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="the time limit needs setitimer")
@@ -275,11 +275,6 @@ class EditTensor:
         save_file(tensors, directory / WEIGHTS_NAME)
 
 
-def _split(raw: bytes) -> tuple[bytes, bytes]:
-    (size,) = struct.unpack("<Q", raw[:8])
-    return raw[8 : 8 + size], raw[8 + size :]
-
-
 @dataclass(frozen=True)
 class WeightBytes:
     """A safetensors file truncated, overwritten with garbage, with an absurd header size, an edited or
@@ -296,7 +291,7 @@ class WeightBytes:
         path = directory / WEIGHTS_NAME
         raw = path.read_bytes()
         cut = int(self.at * len(raw))
-        header, body = _split(raw)
+        header, body = split_safetensors(raw)
         if self.kind == "truncate":
             raw = raw[:cut]
         elif self.kind == "garbage":
@@ -308,10 +303,10 @@ class WeightBytes:
             key = _pick({k: v for k, v in entries.items() if k != "__metadata__"}, self.number)
             entries[key][["dtype", "shape", "data_offsets"][self.number % 3]] = self.value
             edited = json.dumps(entries).encode()
-            raw = struct.pack("<Q", len(edited)) + edited + body
+            raw = join_safetensors(edited, body)
         elif self.kind == "header":
             replaced = json.dumps(self.value).encode()
-            raw = struct.pack("<Q", len(replaced)) + replaced + body
+            raw = join_safetensors(replaced, body)
         elif self.kind == "empty":
             raw = b""
         else:
@@ -347,26 +342,6 @@ mutations = st.one_of(
 
 # ---------------------------------------------------------------------------------------------
 # The property
-
-
-class CaseTimeout(AssertionError):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Interrupts the case after ``seconds`` (``re`` and Python code both check for signals)."""
-
-    def expire(signum: int, frame: object) -> None:
-        raise CaseTimeout(f"the case ran for more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _as_loaded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import orthoft
-from lycoris_helpers import tiny_unet, train_steps, unet_call
 from orthoft.kohya_names import ldm_unet_path
 from orthoft.layers import LycorisLinear
+
+from lycoris_helpers import tiny_unet, train_steps, unet_call
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
 transformers = pytest.importorskip("transformers")

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import orthoft
+from orthoft.layers import LycorisConv2d, LycorisLinear
+
 from lycoris_helpers import (
     SmallNet,
     lycoris_trained,
@@ -19,7 +21,6 @@ from lycoris_helpers import (
     train_steps,
     unet_call,
 )
-from orthoft.layers import LycorisConv2d, LycorisLinear
 
 lycoris = pytest.importorskip("lycoris")
 

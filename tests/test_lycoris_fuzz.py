@@ -35,9 +35,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import orthoft
+from orthoft.tuner import named_orthoft_layers
+
 from fuzz_helpers import CaseTimeout, header_entries, join_safetensors, split_safetensors, time_limit
 from lycoris_helpers import SmallNet, lycoris_trained, quiet_lycoris, small_inputs
-from orthoft.tuner import named_orthoft_layers
 
 lycoris = pytest.importorskip("lycoris")
 

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import orthoft
-from lycoris_helpers import SmallNet, quiet_lycoris, small_inputs
 from orthoft.layers import LycorisConv2d, LycorisLinear
+
+from lycoris_helpers import SmallNet, quiet_lycoris, small_inputs
 
 lycoris = pytest.importorskip("lycoris")
 

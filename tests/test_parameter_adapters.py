@@ -26,10 +26,10 @@ from orthoft import BOFTConfig, OFTConfig, reference
 from orthoft.adapter_io import adapter_state_dict
 from orthoft.layers.parameter import BOFTParameter, OFTParameter, ParameterLayer
 from orthoft.tuner import named_orthoft_layers
-from tiny_moe import EXPERT_PARAMETERS, VOCAB, hand_made, tiny_gpt_oss, tiny_mixtral, tiny_qwen3_moe
 
 from helpers import assert_close_rel
 from peft_interop import one_thread  # noqa: F401 (a fixture, used by name)
+from tiny_moe import EXPERT_PARAMETERS, VOCAB, hand_made, tiny_gpt_oss, tiny_mixtral, tiny_qwen3_moe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

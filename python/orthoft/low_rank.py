@@ -20,9 +20,9 @@ Four ways, chosen by what is asked:
   equals the exact truncated SVD's to within float rounding (about 1e-6 relative). A Krylov space needs
   far fewer products with the matrix than subspace iteration for that: an OFT delta's spectrum is flat,
   and its top singular values are close together. Should the space grow to ``MAX_KRYLOV_FRACTION`` of
-  the smaller side before that, the exact SVD is cheaper and is used instead. The default for ranks up to
-  ``KRYLOV_DEFAULT_FRACTION`` of the smaller side, where it costs less than the Gram path. The random start comes
-  from its own generator: the result is reproducible and the caller's random state is untouched.
+  the smaller side before that, the exact SVD is cheaper and is used instead. It is the default for ranks
+  up to ``KRYLOV_DEFAULT_FRACTION`` of the smaller side, where it costs less than the Gram path. The random
+  start comes from its own generator: the result is reproducible and the caller's random state is untouched.
 
 All batch entries get the same rank (a grouped convolution's LoRA has ``rank / groups`` per group).
 """
