@@ -1,4 +1,5 @@
-"""Pieces shared by the loader fuzzers: a time limit per case and safetensors files taken apart."""
+"""Pieces shared by the loader fuzzers: a time limit per case, safetensors files taken apart, and what
+mutations draw from."""
 
 from __future__ import annotations
 
@@ -6,8 +7,42 @@ import contextlib
 import json
 import signal
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+# What a mutated tensor is cast to: integer, bool and float8 must be refused, the float dtypes cast.
+DTYPES = [
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
+
+
+def json_values(strings: Sequence[str]) -> st.SearchStrategy[Any]:
+    """Any JSON value, nested a little, its strings sometimes drawn from ``strings``."""
+    return st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=True, allow_infinity=True)
+        | st.text(max_size=12)
+        | st.sampled_from(list(strings)),
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+        ),
+        max_leaves=6,
+    )
 
 
 class CaseTimeout(AssertionError):

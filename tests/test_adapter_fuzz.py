@@ -38,7 +38,7 @@ from torch import nn
 import orthoft
 from orthoft.adapter_io import CONFIG_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME, adapter_state_dict, load_adapter
 
-from fuzz_helpers import join_safetensors, split_safetensors, time_limit
+from fuzz_helpers import DTYPES, join_safetensors, json_values, split_safetensors, time_limit
 from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="the time limit needs setitimer")
@@ -135,32 +135,7 @@ REGEXES = [
     r"(?P<a",
     "q_proj",
 ]
-DTYPES = [
-    torch.int8,
-    torch.uint8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.bool,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-]
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12)
-    | st.sampled_from(REGEXES),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3)
-    ),
-    max_leaves=6,
-)
+CONFIG_VALUES = json_values(REGEXES)
 
 
 def _read_json(directory: Path) -> Any:
@@ -317,10 +292,10 @@ class WeightBytes:
 
 fractions = st.floats(0.0, 1.0)
 mutations = st.one_of(
-    st.builds(SetField, st.sampled_from(CONFIG_FIELDS), json_values),
+    st.builds(SetField, st.sampled_from(CONFIG_FIELDS), CONFIG_VALUES),
     st.builds(SetField, st.sampled_from(["target_modules", "exclude_modules"]), st.sampled_from(REGEXES)),
     st.builds(DeleteField, st.sampled_from(CONFIG_FIELDS)),
-    st.builds(ReplaceConfig, json_values.filter(lambda value: not isinstance(value, dict))),
+    st.builds(ReplaceConfig, CONFIG_VALUES.filter(lambda value: not isinstance(value, dict))),
     st.builds(ConfigBytes, st.sampled_from(["truncate", "non-utf8", "deep", "empty", "missing"]), fractions),
     st.builds(
         EditTensor,
@@ -335,7 +310,7 @@ mutations = st.one_of(
         fractions,
         st.binary(min_size=1, max_size=64),
         st.integers(0, 2**64 - 1),
-        json_values,
+        CONFIG_VALUES,
     ),
 )
 

@@ -25,7 +25,7 @@ from peft_interop import (  # noqa: F401 (one_thread: a fixture, used by name)
     peft_from_pretrained,
     transformers_load_adapter,
 )
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, tiny_unet
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -386,23 +386,6 @@ def test_export_dtype_is_the_base_weights_or_the_one_asked_for() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # diffusers
-
-
-def tiny_unet() -> nn.Module:
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    ).eval()
 
 
 def unet_output(unet: nn.Module) -> torch.Tensor:

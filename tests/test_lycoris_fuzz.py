@@ -37,7 +37,15 @@ from torch import nn
 import orthoft
 from orthoft.tuner import named_orthoft_layers
 
-from fuzz_helpers import CaseTimeout, header_entries, join_safetensors, split_safetensors, time_limit
+from fuzz_helpers import (
+    DTYPES,
+    CaseTimeout,
+    header_entries,
+    join_safetensors,
+    json_values,
+    split_safetensors,
+    time_limit,
+)
 from lycoris_helpers import SmallNet, lycoris_trained, quiet_lycoris, small_inputs
 
 lycoris = pytest.importorskip("lycoris")
@@ -111,32 +119,9 @@ PRODUCERS = [
 # ---------------------------------------------------------------------------------------------
 # Mutations of the one file
 
-
-DTYPES = [
-    torch.int8,
-    torch.uint8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.bool,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-]
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12)
-    | st.sampled_from(["F32", "F16", "I64", "BOOL", "F8_E4M3", "lycoris.kohya", '{"algo": "lokr"}']),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3)
-    ),
-    max_leaves=6,
-)
+# Strings a header or metadata edit may write: dtype names, LyCORIS's metadata, another algorithm's config.
+HEADER_STRINGS = ["F32", "F16", "I64", "BOOL", "F8_E4M3", "lycoris.kohya", '{"algo": "lokr"}']
+HEADER_VALUES = json_values(HEADER_STRINGS)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -377,13 +362,13 @@ mutations = st.one_of(
         fractions,
         st.binary(min_size=1, max_size=32) | st.sampled_from([b"\xff\xfe", b"\xc3(", b'"', b"}", b"{", b","]),
         st.sampled_from([0, 1, 7, 2**31, 2**32 + 5, 10**8, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1),
-        json_values,
+        HEADER_VALUES,
     ),
     st.builds(
         EditMetadata,
         st.sampled_from(["set", "set-text", "replace", "drop"]),
         st.sampled_from(["ss_network_module", "ss_network_args", "format", "no_such_field"]),
-        json_values,
+        HEADER_VALUES,
     ),
     st.builds(
         EditTensor,

@@ -41,7 +41,7 @@ from peft_interop import (  # noqa: F401 (one_thread: a fixture, used by name)
     peft_from_pretrained,
     peft_with_several_factors,
 )
-from tiny_models import tiny_llama_config
+from tiny_models import tiny_llama_config, tiny_unet
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -120,22 +120,6 @@ def conv_net_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def conv_net_output(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch["pixel_values"])
-
-
-def tiny_unet() -> nn.Module:
-    diffusers = pytest.importorskip("diffusers")
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
 
 
 def tiny_resnet() -> nn.Module:
