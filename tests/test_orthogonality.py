@@ -73,7 +73,7 @@ def test_report_measures_the_rotation_the_layer_uses_worst_first() -> None:
     assert [row.error for row in report.rows] == sorted((row.error for row in report.rows), reverse=True)
     rows = {row.layer: row for row in report.rows}
     for name in ("0", "1", "2"):
-        rotation = model[int(name)].get_rotation()
+        rotation = model[int(name)].get_rotation().detach()
         dense_error = torch.linalg.matrix_norm(
             rotation.mT @ rotation - torch.eye(16, dtype=torch.float64), ord=2
         )
