@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import shlex
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from environment import device_name
 
 MODEL = {
     "hidden_size": 1024,
@@ -142,15 +143,6 @@ def measure(quick: bool, device: torch.device, rounds: int) -> list[dict[str, ob
     return results
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "CPU"
-
-
 def _versions() -> str:
     import orthoft
 
@@ -166,7 +158,7 @@ def report(
     lines = [
         "# Export to LoRA: orthoft's convert_to_lora vs PEFT's, same OFT adapter",
         "",
-        f"- device: {_device_name(device)} ({device.type}, {torch.get_num_threads()} threads)",
+        f"- device: {device_name(device)} ({device.type}, {torch.get_num_threads()} threads)",
         f"- versions: {_versions()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- command: `{command}`",

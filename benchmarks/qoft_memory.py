@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from cases import Step
+from environment import device_name
 from memory import measure_memory
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,15 +117,6 @@ def run_case(case: str, device: torch.device) -> dict[str, float | int | str]:
     }
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "CPU"
-
-
 def _versions() -> str:
     names = ["torch", "orthoft", "peft", "transformers", "bitsandbytes"]
     return ", ".join(f"{name} {version(name)}" for name in names)
@@ -136,7 +127,7 @@ def report(results: list[dict[str, float | int | str]], device: torch.device, co
     lines = [
         "# Peak memory of one training step of a 4-bit Llama: QOFT vs PEFT OFT vs QLoRA",
         "",
-        f"- device: {_device_name(device)} ({device.type}, {torch.get_num_threads()} threads)",
+        f"- device: {device_name(device)} ({device.type}, {torch.get_num_threads()} threads)",
         f"- versions: {_versions()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- command: `{command}`",
